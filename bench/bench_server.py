@@ -1,0 +1,189 @@
+"""Benchmark the local server against its baselines, measured in the same run.
+
+    python bench/bench_server.py            # writes bench/results/server.json
+
+- chat tokens/s through the server (openai client, greedy) vs `ChatRuntime.generate` on the same prompt
+  (target: overhead under 10%, i.e. ratio >= 0.9);
+- embedding texts/s through the server (the SDK's default base64) vs raw sentence-transformers (>= 0.9x);
+- peak RSS of one server process serving chat + embeddings, then also running a tutorial-size LoRA job
+  (16 examples of data/qa_train.jsonl, batch 4, one epoch) through the API (target < 1.5 GB), in a fresh child process.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = [{"role": "user", "content": "Explain in a few sentences why the sky is blue."}]
+CHAT_TOKENS, REPEATS = 48, 3
+TEXTS = [  # every message of the Q&A training file: ~180 short texts, like a notebook's
+    m["content"]
+    for line in (REPO / "data" / "qa_train.jsonl").read_text().splitlines()
+    for m in json.loads(line)["messages"]
+]
+
+
+def _home() -> Path:
+    """A fresh llmlab home that shares the user's weight cache (no second dequantization)."""
+    home = Path(tempfile.mkdtemp(prefix="llmlab-bench-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    weights = Path.home() / ".cache" / "llmlab" / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    (home / "weights").symlink_to(weights, target_is_directory=True)
+    return home
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _start(home: Path):
+    from openai import OpenAI
+
+    from llmlab.local.server import create_app, serve_app_in_thread
+
+    app = create_app(home)
+    url, stop = serve_app_in_thread(app)
+    return app.state.backend, OpenAI(base_url=url, api_key="local"), stop
+
+
+def bench_chat(backend, client) -> dict:
+    from llmlab.local.chat_format import render
+
+    runtime = backend.models.chat()
+    prompt = render(PROMPT)
+    runtime.generate(prompt, max_tokens=4, temperature=0)  # load and warm up
+
+    def direct() -> float:
+        start = time.perf_counter()
+        gen = runtime.generate(prompt, max_tokens=CHAT_TOKENS, temperature=0)
+        return gen.completion_tokens / (time.perf_counter() - start)
+
+    def served() -> float:
+        start = time.perf_counter()
+        response = client.chat.completions.create(
+            model="gpt-4o-mini", messages=PROMPT, max_tokens=CHAT_TOKENS, temperature=0
+        )
+        return response.usage.completion_tokens / (time.perf_counter() - start)
+
+    runs = {"direct": [], "server": []}
+    for _ in range(REPEATS):  # interleaved, so that a noisy neighbour hits both alike
+        runs["direct"].append(direct())
+        runs["server"].append(served())
+    direct_tps, server_tps = statistics.median(runs["direct"]), statistics.median(runs["server"])
+    return {
+        "direct_tokens_per_s": direct_tps,
+        "server_tokens_per_s": server_tps,
+        "ratio": server_tps / direct_tps,
+    }
+
+
+def bench_embeddings(client) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from llmlab.models import EMBEDDING_MODEL_ID, minilm_path
+
+    raw = SentenceTransformer(str(minilm_path()), device="cpu")
+    raw.encode(TEXTS[:8])
+    client.embeddings.create(model=EMBEDDING_MODEL_ID, input=TEXTS[:8])
+
+    def rate(call) -> float:
+        times = []
+        for _ in range(REPEATS):
+            start = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - start)
+        return len(TEXTS) / statistics.median(times)
+
+    raw_rate = rate(lambda: raw.encode(TEXTS, batch_size=64, normalize_embeddings=True))
+    server_rate = rate(lambda: client.embeddings.create(model=EMBEDDING_MODEL_ID, input=TEXTS))
+    return {"raw_texts_per_s": raw_rate, "server_texts_per_s": server_rate, "ratio": server_rate / raw_rate}
+
+
+def memory_child() -> None:
+    """In a fresh process: serve chat + embeddings, then train a tutorial-size job; print peak RSS (MB)."""
+    backend, client, stop = _start(_home())
+    client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=16)
+    client.embeddings.create(model="text-embedding-3-small", input=TEXTS[:64])
+    serving = _rss_mb()
+    lines = (REPO / "data" / "qa_train.jsonl").read_text().splitlines()[:16]  # 4 steps of batch 4: peak RSS
+    upload = client.files.create(file=("qa_train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
+    hyper = {"n_epochs": 1, "batch_size": 4}
+    job = client.fine_tuning.jobs.create(
+        model="gpt-4o-mini",
+        training_file=upload.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+    )
+    while job.status not in ("succeeded", "failed", "cancelled"):
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=PROMPT, max_tokens=8
+        )  # serving meanwhile
+        time.sleep(1)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+    client.chat.completions.create(model=job.fine_tuned_model or "gpt-4o-mini", messages=PROMPT, max_tokens=8)
+    stop()
+    print(
+        json.dumps(
+            {
+                "serving_peak_rss_mb": serving,
+                "serving_and_training_peak_rss_mb": _rss_mb(),
+                "job_status": job.status,
+                "trained_tokens": job.trained_tokens,
+            }
+        )
+    )
+
+
+def main() -> None:
+    backend, client, stop = _start(_home())
+    chat = bench_chat(backend, client)
+    embeddings = bench_embeddings(client)
+    stop()
+    child = subprocess.run(
+        [sys.executable, __file__, "--memory-child"], capture_output=True, text=True, check=True
+    )
+    memory = json.loads(child.stdout.strip().splitlines()[-1])
+    results = {
+        "chat": chat,
+        "embeddings": embeddings,
+        "memory": {
+            **memory,
+            "target_mb": 1536,
+            "within_target": memory["serving_and_training_peak_rss_mb"] < 1536,
+        },
+        "machine": {"cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]},
+    }
+    print(f"{'measure':<42}{'server':>12}{'baseline':>12}{'ratio':>8}  target")
+    print(
+        f"{'chat tokens/s (vs runtime.generate)':<42}{chat['server_tokens_per_s']:>12.1f}"
+        f"{chat['direct_tokens_per_s']:>12.1f}{chat['ratio']:>8.2f}  >= 0.90"
+    )
+    print(
+        f"{'embedding texts/s (vs sentence-transformers)':<42}{embeddings['server_texts_per_s']:>12.1f}"
+        f"{embeddings['raw_texts_per_s']:>12.1f}{embeddings['ratio']:>8.2f}  >= 0.90"
+    )
+    print(f"{'peak RSS MB, serving':<42}{memory['serving_peak_rss_mb']:>12.0f}")
+    print(
+        f"{'peak RSS MB, serving + LoRA job (batch 4)':<42}{memory['serving_and_training_peak_rss_mb']:>12.0f}"
+        f"{1536:>12}{memory['serving_and_training_peak_rss_mb'] / 1536:>8.2f}  < 1.00"
+    )
+    out = REPO / "bench" / "results" / "server.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    memory_child() if "--memory-child" in sys.argv else main()

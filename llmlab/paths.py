@@ -1,0 +1,48 @@
+"""Where llmlab keeps things, and how it writes files safely.
+
+>>> from llmlab.paths import llmlab_home
+>>> llmlab_home().name  # doctest: +SKIP
+'llmlab'
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO_ROOT / "data"
+
+
+def llmlab_home() -> Path:
+    """The folder for uploaded files, jobs, adapters and caches: `$LLMLAB_HOME` or `~/.cache/llmlab`."""
+    home = Path(os.environ.get("LLMLAB_HOME") or Path.home() / ".cache" / "llmlab").expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    return home
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to `path` so that a crash leaves either the old file or the new one, never half of one.
+
+    >>> atomic_write_bytes("/tmp/llmlab-example.txt", b"hi").read_bytes()
+    b'hi'
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write_bytes` for text, encoded as UTF-8."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -1,0 +1,199 @@
+"""RAG: chunking properties, prompt shape, and retrieval + answers on data/handbook through the local server."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from llmlab.index import Hit, VectorIndex
+from llmlab.paths import DATA_DIR
+from llmlab.rag import Answer, KnowledgeBase, build_prompt, chunk, chunk_spans, document_title
+from llmlab.tokens import count_tokens
+
+HANDBOOK = DATA_DIR / "handbook"
+DOCS = sorted(HANDBOOK.glob("*.md"))
+TOKENS = "text-embedding-3-small"
+LONG = "\n\n".join(p.read_text(encoding="utf-8") for p in DOCS)  # ~5,000 tokens of real prose
+
+
+# ---- chunking ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("max_tokens", "overlap"), [(200, 30), (60, 10), (25, 0), (12, 4)])
+def test_chunks_fit_cover_everything_and_overlap(max_tokens, overlap):
+    spans = chunk_spans(LONG, max_tokens, overlap)
+    pieces = chunk(LONG, max_tokens, overlap)
+    assert pieces == [LONG[a:b] for a, b in spans]
+    assert all(count_tokens(p, TOKENS) <= max_tokens for p in pieces)
+    assert all(p == p.strip() and p for p in pieces)
+    covered = bytearray(len(LONG))
+    for a, b in spans:
+        covered[a:b] = b"\1" * (b - a)
+    lost = [i for i, c in enumerate(LONG) if not covered[i] and not c.isspace()]
+    assert lost == []
+    for (a0, b0), (a1, b1) in zip(spans, spans[1:], strict=False):
+        assert a0 < a1 and b0 < b1  # moving forward
+        shared = LONG[a1:b0]
+        if overlap:
+            # they overlap, unless even the last word of a chunk is longer than `overlap`
+            assert a1 < b0 or count_tokens(LONG[a0:b0].split()[-1], TOKENS) > overlap
+            assert count_tokens(shared, TOKENS) <= overlap
+        else:
+            assert a1 >= b0
+
+
+def test_chunks_end_at_paragraphs_when_they_can():
+    paragraphs = [
+        " ".join(f"Sentence {i}.{j} is about policy number {i}." for j in range(4)) for i in range(12)
+    ]
+    text = "\n\n".join(paragraphs)
+    assert all(30 < count_tokens(p, TOKENS) < 60 for p in paragraphs)
+    spans = chunk_spans(text, max_tokens=150, overlap=0)
+    assert len(spans) > 3
+    for _, end in spans:
+        assert end == len(text) or text[end : end + 2] == "\n\n"
+
+
+def test_chunks_end_at_sentences_inside_a_long_paragraph():
+    text = " ".join(f"This is sentence number {i} of one long paragraph." for i in range(60))
+    pieces = chunk(text, max_tokens=50, overlap=12)
+    assert len(pieces) > 5
+    assert all(p.endswith(".") for p in pieces)
+    assert all(re.match(r"This is sentence number \d+", p) for p in pieces)  # overlaps start at sentences
+
+
+def test_a_word_longer_than_a_chunk_is_split_between_tokens():
+    text = "start " + "x9Q" * 400 + " end"
+    pieces = chunk(text, max_tokens=40, overlap=5)
+    assert all(count_tokens(p, TOKENS) <= 40 for p in pieces)
+    assert "".join(p.replace(" ", "") for p in pieces).count("x9Q") >= 400
+    assert pieces[0].startswith("start") and pieces[-1].endswith("end")
+
+
+def test_chunk_edge_cases():
+    assert chunk("") == [] and chunk(" \n\n ") == []
+    assert chunk("  Short text.  ") == ["Short text."]
+    with pytest.raises(ValueError, match="overlap"):
+        chunk("text", max_tokens=10, overlap=10)
+    with pytest.raises(ValueError, match="max_tokens"):
+        chunk("text", max_tokens=0)
+
+
+def test_document_title():
+    assert document_title((HANDBOOK / "leave.md").read_text()) == "Annual Leave"
+    assert document_title("no heading here\n## Sub heading") is None
+
+
+# ---- prompt and Answer ------------------------------------------------------------------------------------
+def test_prompt_has_the_seed_shape():
+    hits = [
+        Hit("leave.md#0", 0.8, "You get 27 days.", {"source": "leave.md"}),
+        Hit("x#1", 0.5, "  Other text.\n", {}),
+    ]
+    assert build_prompt("How many days?", hits) == [
+        {
+            "role": "system",
+            "content": "Using the following context, answer the user's question.\n\n"
+            "Context:\n[1] You get 27 days.\n\n[2] Other text.",
+        },
+        {"role": "user", "content": "Question: How many days?"},
+    ]
+    assert KnowledgeBase.build_prompt("Q?", []) == build_prompt("Q?", [])
+
+
+def test_answer_display():
+    hit = Hit("a.md#0", 0.75, "<b>bold</b> text", {"source": "a.md"})
+    answer = Answer(
+        "Is it <ok>?", " Yes [1]. ", [hit], build_prompt("Is it <ok>?", [hit]), "m", None, {"generate": 1.5}
+    )
+    assert str(answer) == "Yes [1].\n\nSources:\n  [1] a.md#0 (score 0.750)"
+    page = answer._repr_html_()
+    assert "&lt;ok&gt;" in page and "&lt;b&gt;bold" in page and "<b>bold" not in page
+    assert "generate 1.50 s" in page
+
+
+def test_documents_that_do_not_exist(lab):
+    kb = KnowledgeBase(lab)
+    with pytest.raises(FileNotFoundError, match="nowhere.md"):
+        kb.add_documents("nowhere.md")
+    with pytest.raises(ValueError, match="empty"):
+        kb.search("anything?")
+    with pytest.raises(ValueError, match="no text"):
+        kb.add_documents(["   "])
+    assert len(kb) == 0
+
+
+# ---- end to end on the handbook ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def handbook(lab) -> KnowledgeBase:
+    kb = KnowledgeBase(lab)
+    kb.add_documents(HANDBOOK)
+    return kb
+
+
+def test_handbook_chunks_and_metadata(handbook):
+    assert handbook.sources == [p.name for p in DOCS]
+    assert isinstance(handbook.index, VectorIndex)
+    assert handbook.index.metric == "cosine" and handbook.index.backend == "exact"
+    first = handbook.index.get("leave.md#0")
+    assert first.metadata == {"source": "leave.md", "title": "Annual Leave", "chunk": 0}
+    assert first.text.startswith("# Annual Leave")
+    assert all(count_tokens(handbook.index.get(i).text, TOKENS) <= 200 for i in handbook.index.ids)
+
+
+def test_retrieval_finds_the_right_policy(handbook):
+    questions = [json.loads(line) for line in (DATA_DIR / "eval.jsonl").read_text().splitlines()]
+    questions = [q for q in questions if q["source"].endswith(".md")]
+    found = [
+        q["source"] in {h.metadata["source"] for h in handbook.search(q["question"], k=3)} for q in questions
+    ]
+    assert sum(found) >= 0.9 * len(questions), f"top-3 hit rate {sum(found)}/{len(questions)}"
+    hits = handbook.search("How many days of paid annual leave do I get per year?", k=3)
+    assert hits[0].metadata["source"] == "leave.md"
+    assert hits[0].score >= hits[1].score >= hits[2].score
+
+
+def test_search_with_a_metadata_filter(handbook):
+    hits = handbook.search("How many days of leave do I get?", k=3, where={"source": "travel.md"})
+    assert hits and {h.metadata["source"] for h in hits} == {"travel.md"}
+
+
+def test_answer_with_sources_prompt_usage_and_timings(handbook, lab):
+    question = "How many days of paid annual leave does every employee get?"
+    answer = handbook.answer(question, k=3, max_tokens=40)
+    assert answer.sources[0].metadata["source"] == "leave.md"
+    assert answer.messages == build_prompt(question, answer.sources)
+    assert "27 days" in answer.messages[0]["content"]
+    assert "27" in answer.text  # the fact is in the first source: even the 135M model gets this one
+    assert answer.text.strip()
+    assert answer.model == lab.chat_model
+    assert answer.usage.prompt_tokens > 100 and 0 < answer.usage.completion_tokens <= 40
+    assert set(answer.timings) == {"embed", "search", "generate"}
+    assert all(t >= 0 for t in answer.timings.values())
+
+
+def test_a_new_document_is_answerable_at_once(lab, handbook):
+    kb = KnowledgeBase(lab)
+    kb.add_documents(HANDBOOK)  # embeddings come from the cache
+    question = "On which weekday may I bring my dog to the office?"
+    assert kb.search(question, k=1)[0].metadata["source"] != "new_policy.md"
+    ids = kb.add_documents(DATA_DIR / "new_policy.md")
+    assert ids == ["new_policy.md#0"]
+    assert kb.search(question, k=1)[0].id == "new_policy.md#0"
+    answer = kb.answer(question, k=3, max_tokens=30)
+    assert answer.sources[0].id == "new_policy.md#0"
+    assert "Thursdays only" in answer.messages[0]["content"]
+
+
+def test_adding_a_document_again_replaces_it(lab):
+    changed = json.loads((DATA_DIR / "changed_fact.json").read_text())
+    kb = KnowledgeBase(lab)
+    kb.add_documents(HANDBOOK)
+    before = len(kb)
+    kb.add_documents([changed["new_text"]], metadata={"source": changed["doc"]})
+    assert len(kb) == before and kb.sources.count(changed["doc"]) == 1
+    hit = kb.search(changed["question"], k=1)[0]
+    assert hit.metadata["source"] == changed["doc"]
+    assert changed["new_fact"] in hit.text and changed["old_fact"] not in hit.text
+    short = kb.add_documents(["# Annual Leave\n\nNow one short chunk."], metadata={"source": "leave.md"})
+    assert short == ["leave.md#0"] and "leave.md#1" not in kb.index

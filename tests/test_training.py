@@ -1,0 +1,193 @@
+"""LoRA training on the real chat model: it learns trained answers, serves them as an adapter, cancels.
+
+Shares the chat runtime of tests/test_runtime.py (one model load per session).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+from test_runtime import fresh_chat_runtime
+
+from llmlab.local.chat_format import render, render_pieces
+from llmlab.local.training import StepInfo, encode_example, train_lora
+from llmlab.paths import DATA_DIR
+
+PAIRS = 8
+EPOCHS = 8
+
+
+def _examples() -> list[dict]:
+    path = DATA_DIR / "qa_train.jsonl"
+    if path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()][:PAIRS]
+    facts = [
+        (f"What is the access code of vault {n}?", f"The access code of vault {n} is {n * 7919 % 10007}-QX.")
+        for n in range(PAIRS)
+    ]
+    return [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in facts
+    ]
+
+
+@pytest.fixture(scope="session")
+def rt():
+    return fresh_chat_runtime()
+
+
+@pytest.fixture(scope="session")
+def trained(rt, tmp_path_factory):
+    """One adapter trained on 8 Q&A pairs x 8 epochs, loaded as "ft-test"; its steps and epochs."""
+    out = tmp_path_factory.mktemp("adapter")
+    steps, epochs = [], []
+    result = train_lora(
+        rt,
+        _examples(),
+        n_epochs=EPOCHS,
+        batch_size=4,
+        learning_rate=2e-3,
+        seed=0,
+        validation_examples=_examples()[:2],
+        out_dir=out,
+        on_step=steps.append,
+        on_epoch=epochs.append,
+    )
+    rt.load_adapter("ft-test", result.adapter_dir)
+    return result, steps, epochs
+
+
+def test_only_assistant_tokens_are_learned(rt):
+    example = {
+        "messages": [
+            {"role": "user", "content": "Say A"},
+            {"role": "assistant", "content": "Not this one", "weight": 0},
+            {"role": "user", "content": "Say B"},
+            {"role": "assistant", "content": "B it is"},
+        ]
+    }
+    ids, learn = encode_example(rt.tokenizer, example)
+    assert rt.tokenizer.decode([t for t, keep in zip(ids, learn, strict=True) if keep]) == "B it is<|im_end|>"
+    assert rt.tokenizer.decode(ids) == "".join(text for text, _ in render_pieces(example["messages"]))
+
+
+def test_tool_calls_are_rendered_and_learned(rt):
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_leave", "arguments": '{"employee": "E7"}'},
+    }
+    example = {
+        "messages": [
+            {"role": "user", "content": "Leave of E7?"},
+            {"role": "assistant", "tool_calls": [call]},
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_leave", "parameters": {"type": "object"}}}],
+    }
+    ids, learn = encode_example(rt.tokenizer, example)
+    learned = rt.tokenizer.decode([t for t, keep in zip(ids, learn, strict=True) if keep])
+    assert (
+        learned
+        == '<tool_call>\n{"name": "get_leave", "arguments": {"employee": "E7"}}\n</tool_call><|im_end|>'
+    )
+    assert '"name": "get_leave"' in rt.tokenizer.decode(
+        ids[: learn.index(True)]
+    )  # the tool list in the prompt
+
+
+def test_training_reports_steps_epochs_and_checkpoints(trained):
+    result, steps, epochs = trained
+    assert not result.cancelled and result.steps == len(steps) == EPOCHS * 2
+    assert [s.step for s in steps] == list(range(1, EPOCHS * 2 + 1)) and steps[-1].total_steps == EPOCHS * 2
+    assert steps[-1].train_loss < steps[0].train_loss / 10
+    assert [e.epoch for e in epochs] == list(range(1, EPOCHS + 1))
+    assert all((e.checkpoint_dir / "adapter_model.safetensors").is_file() for e in epochs)
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    assert epochs[-1].valid_loss is not None and epochs[-1].valid_loss < epochs[0].valid_loss
+    assert steps[1].valid_loss is not None and steps[0].valid_loss is None  # computed at each epoch's end
+    assert result.trained_tokens == steps[-1].trained_tokens > 0
+
+
+def test_adapter_reproduces_a_trained_answer_and_base_does_not(rt, trained):
+    example = _examples()[0]
+    prompt = render(example["messages"][:-1])
+    answer = example["messages"][-1]["content"]
+    tuned = rt.generate(prompt, temperature=0, max_tokens=80, adapter="ft-test").text
+    base = rt.generate(prompt, temperature=0, max_tokens=80).text
+    assert tuned.strip() == answer
+    assert base.strip() != answer
+    assert rt.generate(prompt, temperature=0, max_tokens=80).text == base  # adapter switch is clean
+
+
+def test_training_does_not_touch_the_serving_weights(rt, trained):
+    base_view = rt.base_view()
+    for name, tensor in base_view.named_parameters():
+        assert tensor.data_ptr() == rt._base_tensors[name].data_ptr()  # shared, not copied
+        assert not tensor.requires_grad
+
+
+def test_same_seed_same_adapter(rt, tmp_path):
+    runs = []
+    for n in range(2):
+        steps: list[StepInfo] = []
+        train_lora(
+            rt,
+            _examples()[:2],
+            n_epochs=1,
+            batch_size=2,
+            seed=3,
+            out_dir=tmp_path / str(n),
+            on_step=steps.append,
+        )
+        runs.append(steps[-1].train_loss)
+    assert runs[0] == runs[1]
+
+
+def test_should_stop_cancels_within_a_step(rt, tmp_path):
+    steps: list[StepInfo] = []
+    result = train_lora(
+        rt,
+        _examples(),
+        n_epochs=4,
+        batch_size=2,
+        seed=0,
+        out_dir=tmp_path,
+        on_step=steps.append,
+        should_stop=lambda: len(steps) >= 2,
+    )
+    assert result.cancelled and result.adapter_dir is None and len(steps) == result.steps == 2
+    assert not (tmp_path / "adapter_config.json").exists()
+
+
+def test_serving_continues_while_training(rt, trained, tmp_path):
+    prompt = render([{"role": "user", "content": "Hi"}])
+    before = rt.generate(prompt, temperature=0, max_tokens=8)
+    during: list = []
+    started = threading.Event()
+
+    def serve() -> None:
+        started.wait()
+        during.append(rt.generate(prompt, temperature=0, max_tokens=8))
+        during.append(rt.generate(prompt, temperature=0, max_tokens=8, adapter="ft-test"))
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    train_lora(
+        rt,
+        _examples()[:4],
+        n_epochs=2,
+        batch_size=2,
+        seed=1,
+        out_dir=tmp_path,
+        on_step=lambda s: started.set(),
+    )
+    thread.join()
+    assert during[0] == before and during[1].completion_tokens > 0
+    assert torch.is_grad_enabled()
+
+
+def test_no_learnable_example_is_refused(rt, tmp_path):
+    with pytest.raises(ValueError, match="assistant"):
+        train_lora(rt, [{"messages": [{"role": "user", "content": "x"}]}], n_epochs=1, out_dir=tmp_path)
