@@ -29,6 +29,8 @@ _WEIGHTS.mkdir(parents=True, exist_ok=True)
 atexit.register(shutil.rmtree, TEST_HOME, ignore_errors=True)
 
 REPO = Path(__file__).resolve().parent.parent
+# tests/browser/widgets.ipynb is opened by tests/test_browser.py in a real browser: nbval must not run it too
+collect_ignore_glob = ["browser/*.ipynb"]
 FT_EXAMPLES = 10  # OpenAI's minimum; enough for LoRA to learn the answers verbatim
 FT_EPOCHS = 8
 
