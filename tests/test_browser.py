@@ -114,24 +114,29 @@ def jupyterlab(tmp_path):
 
 
 def _run_all_cells(page) -> None:
-    """Run all cells once the kernel is idle, and make sure they started: JupyterLab may show a
-    "Select Kernel" dialog (accepted here: the default, Python 3) that swallows the first attempt."""
-    deadline = time.monotonic() + KERNEL_TIMEOUT_MS / 1000
+    """Run all cells and wait until every code cell has run.
+
+    JupyterLab may show a "Select Kernel" dialog (accepted here: the default, Python 3), and on a busy
+    machine it may replace the kernel while the first run is queued, so some cells never run: while the
+    kernel is idle and a code cell still shows an empty prompt `[ ]:`, run all cells again.
+    """
+    deadline = time.monotonic() + (KERNEL_TIMEOUT_MS + WIDGETS_TIMEOUT_MS) / 1000
     accept = page.locator(".jp-Dialog .jp-mod-accept")
     idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
-    started = page.locator(".jp-CodeCell .jp-InputPrompt").filter(has_text=re.compile(r"\[(\*|\d+)\]"))
-    last_try = float("-inf")
+    prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
+    not_run = prompts.filter(has_text=re.compile(r"^\s*\[ \]:\s*$"))
+    last_try = None
     while time.monotonic() < deadline:
         if accept.count():
             accept.first.click()
-        elif started.count():
-            return
-        elif idle.count() and time.monotonic() - last_try > 10:
+        elif idle.count() and (last_try is None or time.monotonic() - last_try > 10):
+            if last_try is not None and prompts.count() and not not_run.count():
+                return
             # not awaited: the command's promise resolves only when every cell has run
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
             last_try = time.monotonic()
         page.wait_for_timeout(500)
-    raise AssertionError("the notebook's cells did not start running")
+    raise AssertionError("the notebook's cells did not all run")
 
 
 def test_widgets_render_and_search_in_a_real_browser(jupyterlab, tmp_path):

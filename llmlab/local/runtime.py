@@ -298,7 +298,7 @@ class ChatRuntime:
             torch.set_num_threads(self.threads)  # per thread: a stream may resume in another one
         with torch.no_grad():
             out = self._model(
-                input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1
+                input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1
             )
             return out.logits[0, -1].float()
 
