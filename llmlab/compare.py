@@ -27,6 +27,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from llmlab import tokens
+from llmlab.datasets import ChatDataset
 from llmlab.paths import DATA_DIR
 from llmlab.rag import build_prompt
 
@@ -99,7 +100,7 @@ def _normalise(text: str) -> str:
 def contains_facts(answer: str, facts: Iterable[str]) -> bool:
     """The scoring rule: an answer is right when it contains every key fact, as a whole word or number.
 
-    Case and spacing do not matter; "27" is not found in "270" or "2027", "9:30" is found in "by 9:30.".
+    Case and spacing do not matter; "27" is not found in "270", "2027" or "1.27", "9:30" is found in "by 9:30.".
 
     >>> contains_facts("Carried-over days expire on 30 June.", ["30 June"])
     True
@@ -107,7 +108,7 @@ def contains_facts(answer: str, facts: Iterable[str]) -> bool:
     False
     """
     text = _normalise(answer or "")
-    return all(re.search(rf"(?<![\w]){re.escape(_normalise(f))}(?![\w])", text) for f in facts)
+    return all(re.search(rf"(?<![\w.,]){re.escape(_normalise(f))}(?!\w|[.,]\d)", text) for f in facts)
 
 
 # ------------------------------------------------------------------------------------------ questions
@@ -144,6 +145,23 @@ def trained_questions() -> list[dict]:
                 )
                 break
     return rows
+
+
+def training_set(n: int = 10) -> ChatDataset:
+    """The examples of qa_train.jsonl behind the first `n` trained questions, in file order: a small
+    fine-tuning set whose every example is tested (notebooks 02 and 07 train on it).
+
+    >>> len(training_set(10))
+    10
+    """
+    dataset = ChatDataset.from_jsonl(DATA_DIR / "qa_train.jsonl")
+    wanted = {row["question"] for row in trained_questions()[:n]}
+    keep = [
+        i
+        for i, e in enumerate(dataset)
+        if any(m["content"] in wanted for m in e["messages"] if m["role"] == "user")
+    ]
+    return ChatDataset([dataset[i] for i in keep], lines=[dataset.lines[i] for i in keep])
 
 
 KINDS = ("trained", "paraphrase", "handbook_only", "live")
@@ -364,5 +382,6 @@ __all__ = [
     "rag",
     "summarize",
     "trained_questions",
+    "training_set",
     "with_tools",
 ]

@@ -241,6 +241,7 @@ class VectorIndex:
         self._row: dict[str, int] = {}
         self._auto = 0
         self._matches: dict[str, tuple] = {}  # rows matching each recent `where`; cleared on writes
+        self.version = 0  # goes up on every add, upsert and delete, so that views can tell the index changed
         if backend == "hnsw":
             self._init_hnsw()
 
@@ -417,6 +418,7 @@ class VectorIndex:
                         self._graph.mark_deleted(label)
                     self._row_of_label[self._labels[rows]] = -1
                     self._labels[rows] = self._graph_add(x[old], rows)
+                self.version += 1
             new = [j for j, i in enumerate(ids) if i not in self._row]
             if new:
                 self._append(x[new], [ids[j] for j in new], [texts[j] for j in new], [metas[j] for j in new])
@@ -447,6 +449,7 @@ class VectorIndex:
                 self._row_of_label[self._labels[:m]] = np.arange(m)
             self._n = m
             self._matches.clear()
+            self.version += 1
 
     def _append(self, x: np.ndarray, ids: list[str], texts: list, metas: list[dict]) -> None:
         n0, n = self._n, len(x)
@@ -471,6 +474,7 @@ class VectorIndex:
         self._row.update((i, n0 + j) for j, i in enumerate(ids))
         self._n = n0 + n
         self._matches.clear()
+        self.version += 1
 
     def _graph_add(self, x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """Insert into the hnsw graph under fresh labels (growing its capacity); returns the labels."""

@@ -208,6 +208,12 @@ class Answer:
     usage: Any = None
     timings: dict[str, float] = field(default_factory=dict)
 
+    def __repr__(self) -> str:  # one line: the full prompt and the source texts would fill a screen
+        return (
+            f"Answer(text={_preview(self.text.strip(), 80)!r}, sources={[hit.id for hit in self.sources]!r}, "
+            f"model={self.model!r})"
+        )
+
     def __str__(self) -> str:
         lines = [self.text.strip(), "", "Sources:"]
         lines += [f"  [{i}] {hit.id} (score {hit.score:.3f})" for i, hit in enumerate(self.sources, 1)]

@@ -15,6 +15,10 @@ from llmlab.paths import DATA_DIR
         ("You get 27 days of paid leave.", ["27"], True),
         ("You get 270 days.", ["27"], False),
         ("Since 2027.", ["27"], False),
+        ("It costs EUR 1.50, or EUR 50 for ten.", ["50"], True),
+        ("It costs EUR 1.50.", ["50"], False),
+        ("About 27.5 days.", ["27"], False),
+        ("You get EUR 150.", ["50"], False),
         ("Tell your manager by 9:30.", ["9:30"], True),
         ("They expire on 30 JUNE", ["30 June"], True),
         ("They expire on 30\nJune.", ["30 June"], True),
@@ -115,3 +119,11 @@ def test_evaluate_real_systems_on_the_local_backend(lab):
     assert all(len(s) == 3 for s in rag_rows["sources"])
     sources = questions.set_index("id")["source"]
     assert all(any(s.startswith(sources[r.id]) for s in r.sources) for r in rag_rows.itertuples())
+
+
+def test_training_set_holds_the_examples_of_the_first_trained_questions():
+    questions = [r["question"] for r in compare.trained_questions()[:10]]
+    subset = compare.training_set(10)
+    users = [next(m["content"] for m in e["messages"] if m["role"] == "user") for e in subset]
+    assert sorted(users) == sorted(questions) and subset.lines == sorted(subset.lines)
+    assert subset.validate(min_examples=10)

@@ -107,6 +107,7 @@ def test_answer_display():
         "Is it <ok>?", " Yes [1]. ", [hit], build_prompt("Is it <ok>?", [hit]), "m", None, {"generate": 1.5}
     )
     assert str(answer) == "Yes [1].\n\nSources:\n  [1] a.md#0 (score 0.750)"
+    assert repr(answer) == "Answer(text='Yes [1].', sources=['a.md#0'], model='m')"
     page = answer._repr_html_()
     assert "&lt;ok&gt;" in page and "&lt;b&gt;bold" in page and "<b>bold" not in page
     assert "generate 1.50 s" in page
@@ -197,3 +198,34 @@ def test_adding_a_document_again_replaces_it(lab):
     assert changed["new_fact"] in hit.text and changed["old_fact"] not in hit.text
     short = kb.add_documents(["# Annual Leave\n\nNow one short chunk."], metadata={"source": "leave.md"})
     assert short == ["leave.md#0"] and "leave.md#1" not in kb.index
+
+
+# ---- the SearchBox over a knowledge base that changes -----------------------------------------------------
+def test_the_index_version_counts_writes():
+    import numpy as np
+
+    index = VectorIndex(3)
+    assert index.version == 0
+    index.add(np.eye(3, dtype=np.float32), ids=["a", "b", "c"])
+    index.upsert(np.ones((1, 3), dtype=np.float32), ids=["a"])  # replaces only
+    index.upsert(np.ones((1, 3), dtype=np.float32), ids=["d"])  # adds only
+    index.delete("b")
+    index.search(np.ones(3, dtype=np.float32), k=2)  # reads do not count
+    assert index.version == 4
+
+
+@pytest.mark.parametrize("backend", ["hnsw", "exact"])
+def test_search_box_follows_a_replaced_document(lab, backend):
+    from llmlab.ui import SearchBox
+
+    changed = json.loads((DATA_DIR / "changed_fact.json").read_text())
+    kb = KnowledgeBase(lab)
+    kb.add_documents([HANDBOOK / changed["doc"], HANDBOOK / "public_holidays.md"])
+    box = SearchBox(kb, k=1)
+    box.backend.value = backend  # hnsw: the box searches its own copy of the (exact) index
+    assert box.search(changed["question"])[0].metadata["source"] == changed["doc"]
+    assert changed["old_fact"] in box.hits[0].text
+    kb.add_documents([changed["new_text"]], metadata={"source": changed["doc"]})  # same ids, new text
+    hit = box.search(changed["question"])[0]
+    assert box.last_error is None and hit.id == kb.search(changed["question"], k=1)[0].id
+    assert changed["new_fact"] in hit.text and changed["old_fact"] not in hit.text

@@ -43,7 +43,8 @@ class SearchBox(Panel):
     """A query box over a `KnowledgeBase` (or a `VectorIndex` with `embed=`: a `Lab` or a text -> vector function).
 
     Enter in the query box (or the button) searches; the k slider and the backend toggle search again.
-    The other backend's copy of the index is built on first use and rebuilt when the index changes.
+    The other backend's copy of the index is built on first use and rebuilt when the index changes (any add,
+    upsert or delete, e.g. a document replaced in the knowledge base).
     State readable from Python: `.hits` (the last `SearchResults`), `.results.value` (HTML), `.info.value`.
     """
 
@@ -61,7 +62,8 @@ class SearchBox(Panel):
             self._embed = lambda q: embed_texts(source.lab, [q], model=source.embedding_model)[0]
         self.source = source
         self.hits = SearchResults()
-        self._copies: dict[str, tuple[tuple, VectorIndex]] = {}
+        # backend -> (the index copied, its version then, the copy)
+        self._copies: dict[str, tuple[VectorIndex, int, VectorIndex]] = {}
 
         index = self._index()
         self.query = styled(
@@ -94,13 +96,13 @@ class SearchBox(Panel):
             raise ValueError("the knowledge base is empty: call add_documents() first")
         if index.backend == backend:
             return index
-        signature = (len(index), tuple(index.ids))
-        cached = self._copies.get(backend)
-        if cached is None or cached[0] != signature:
+        cached = self._copies.get(backend)  # stale when the index was replaced or written to since
+        if cached is None or cached[0] is not index or cached[1] != index.version:
+            version = index.version
             with self.working(f"building the {backend} index…"):
-                cached = (signature, copy_index(index, backend))
+                cached = (index, version, copy_index(index, backend))
             self._copies[backend] = cached
-        return cached[1]
+        return cached[2]
 
     def search(self, query: str | None = None) -> SearchResults:
         """Search for `query` (default: the query box's text) and show the hits."""
