@@ -88,6 +88,20 @@ def _build_cache(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the rename succeeded
 
 
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar from transformers: a 2-second load is not worth a bar in a notebook."""
+    from transformers.utils import logging
+
+    was_enabled = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            logging.enable_progress_bar()
+
+
 def load_chat_model(home: Path) -> tuple[Any, Any]:
     """(model, tokenizer) of SmolLM2 from the weight cache, building the cache first if needed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -96,7 +110,8 @@ def load_chat_model(home: Path) -> tuple[Any, Any]:
     if not (cache / "model.safetensors").exists():
         _build_cache(cache)
     tokenizer = AutoTokenizer.from_pretrained(cache)
-    model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
+    with _quiet_loading():
+        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
     model.requires_grad_(False)
     return model, tokenizer
 
@@ -297,9 +312,7 @@ class ChatRuntime:
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # per thread: a stream may resume in another one
         with torch.no_grad():
-            out = self._model(
-                input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1
-            )
+            out = self._model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
             return out.logits[0, -1].float()
 
     def stream(
