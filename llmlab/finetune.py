@@ -2,17 +2,19 @@
 
 >>> job = fine_tune(lab, "data/qa_train.jsonl", n_epochs=3, suffix="handbook")   # doctest: +SKIP
 >>> job.status, job.fine_tuned_model                                           # doctest: +SKIP
-('succeeded', 'ft:SmolLM2-135M-Instruct:llmlab:handbook:ftjob-…')
->>> loss_curve(lab, job.id).plot(x="step")                                      # doctest: +SKIP
+('succeeded', 'ft:SmolLM2-135M-Instruct:llmlab:handbook:1a2b3c4d')
+>>> loss_curve(lab, job.id).plot(x="step", y="train_loss")                      # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import openai
 import pandas as pd
 from openai.types import FileObject
 from openai.types.fine_tuning import FineTuningJob
@@ -25,15 +27,27 @@ if TYPE_CHECKING:
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
-def upload(lab: Lab, data: str | Path | ChatDataset, purpose: str = "fine-tune") -> FileObject:
-    """Upload a JSONL file (a path, or a `ChatDataset` written to a temporary file) and return the file object."""
+def upload(
+    lab: Lab, data: str | Path | ChatDataset, purpose: str = "fine-tune", filename: str | None = None
+) -> FileObject:
+    """Upload a JSONL file (a path, or a `ChatDataset` written to a temporary file) and return the file object.
+
+    `filename` is the name the file gets on the server (default: the path's name; "training.jsonl" for a
+    dataset).
+
+    >>> upload(lab, "data/qa_train.jsonl").purpose                   # doctest: +SKIP
+    'fine-tune'
+    >>> upload(lab, validation_set, filename="validation.jsonl").filename   # doctest: +SKIP
+    'validation.jsonl'
+    """
     if hasattr(data, "to_jsonl"):
         with tempfile.TemporaryDirectory() as tmp:
-            path = data.to_jsonl(Path(tmp) / "training.jsonl")
+            path = data.to_jsonl(Path(tmp) / (filename or "training.jsonl"))
             with open(path, "rb") as f:
                 return lab.client.files.create(file=f, purpose=purpose)
     with open(data, "rb") as f:
-        return lab.client.files.create(file=f, purpose=purpose)
+        file = (filename, f) if filename else f
+        return lab.client.files.create(file=file, purpose=purpose)
 
 
 def create_job(
@@ -48,7 +62,12 @@ def create_job(
     seed: int | None = None,
     validation_file: str | None = None,
 ) -> FineTuningJob:
-    """Create a supervised fine-tuning job (the `method=` form OpenAI recommends) on `lab.finetune_model`."""
+    """Create a supervised fine-tuning job (the `method=` form OpenAI recommends) on `lab.finetune_model`.
+
+    >>> job = create_job(lab, file.id, n_epochs=8, seed=42, suffix="handbook")   # doctest: +SKIP
+    >>> job.status                                                              # doctest: +SKIP
+    'validating_files'
+    """
     hyperparameters = {
         "n_epochs": n_epochs,
         "batch_size": batch_size,
@@ -76,13 +95,41 @@ def _metrics_rows(lab: Lab, job_id: str) -> list[dict]:
 
 
 def loss_curve(lab: Lab, job_id: str) -> pd.DataFrame:
-    """Train (and validation) loss by step, from the job's metrics events."""
+    """Loss by step from the job's metrics events: step, epoch, train_loss and valid_loss (when measured).
+
+    `valid_loss` is only there when the job has a validation file; it is NaN at the steps where it was
+    not computed (locally, at each epoch's end).
+
+    >>> curve = loss_curve(lab, job.id)                              # doctest: +SKIP
+    >>> curve.plot(x="step", y="train_loss", logy=True)              # doctest: +SKIP
+    """
     rows = _metrics_rows(lab, job_id)
-    columns = [c for c in ("step", "train_loss", "valid_loss") if any(c in r for r in rows)] or [
-        "step",
-        "train_loss",
+    columns = ["step"] + [
+        c for c in ("epoch", "train_loss", "valid_loss") if any(r.get(c) is not None for r in rows)
     ]
-    return pd.DataFrame(rows, columns=columns)
+    if "train_loss" not in columns:
+        columns.insert(1, "train_loss")
+    return pd.DataFrame(rows, columns=columns).astype(
+        {c: float for c in ("train_loss", "valid_loss") if c in columns}
+    )
+
+
+def _show_progress(bar: tqdm, job: FineTuningJob, rows: list[dict]) -> None:
+    """Move `bar` to the latest step (setting its total once known) and show the status and loss."""
+    last = rows[-1] if rows else {}
+    total = last.get("total_steps")
+    if total and bar.total != total:
+        bar.reset(total=total)  # a notebook bar only takes a new total through reset()
+    step = last.get("step", 0)
+    if job.status == "succeeded" and bar.total:
+        step = bar.total
+    if step > bar.n:
+        bar.update(step - bar.n)
+    postfix = {"status": job.status}
+    if last.get("train_loss") is not None:
+        postfix["loss"] = f"{last['train_loss']:.3f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.refresh()
 
 
 def wait(
@@ -90,22 +137,19 @@ def wait(
 ) -> FineTuningJob:
     """Poll the job until it succeeds, fails or is cancelled, with a progress bar of steps and the latest loss.
 
+    Returns the final `FineTuningJob` (check its `status`: a failed job is returned, not raised).
     Raises `TimeoutError` after `timeout` seconds (the job goes on; call `wait` again or cancel it).
+
+    >>> job = wait(lab, job.id, timeout=900)                         # doctest: +SKIP
+    >>> job.status, job.fine_tuned_model                             # doctest: +SKIP
+    ('succeeded', 'ft:SmolLM2-135M-Instruct:llmlab:handbook:1a2b3c4d')
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     bar = tqdm(total=None, desc=job_id, unit="step", disable=not progress)
     try:
         while True:
             job = lab.client.fine_tuning.jobs.retrieve(job_id)
-            rows = _metrics_rows(lab, job_id)
-            if rows:
-                last = rows[-1]
-                bar.total = last.get("total_steps", bar.total)
-                bar.n = last.get("step", bar.n)
-                bar.set_postfix(status=job.status, loss=f"{last.get('train_loss', float('nan')):.3f}")
-            else:
-                bar.set_postfix(status=job.status)
-            bar.refresh()
+            _show_progress(bar, job, _metrics_rows(lab, job_id))
             if job.status in FINISHED:
                 return job
             if deadline is not None and time.monotonic() > deadline:
@@ -115,22 +159,90 @@ def wait(
         bar.close()
 
 
+def _jsonl_bytes(data: str | Path | ChatDataset) -> bytes:
+    if hasattr(data, "to_jsonl"):
+        with tempfile.TemporaryDirectory() as tmp:
+            return data.to_jsonl(Path(tmp) / "training.jsonl").read_bytes()
+    return Path(data).read_bytes()
+
+
+def find_job(
+    lab: Lab,
+    data: str | Path | ChatDataset,
+    *,
+    model: str | None = None,
+    n_epochs: int | str = "auto",
+    batch_size: int | str = "auto",
+    learning_rate_multiplier: float | str = "auto",
+    seed: int | None = None,
+    **_: Any,
+) -> FineTuningJob | None:
+    """The newest succeeded job that trained exactly `data` (byte for byte) on `model` with these settings.
+
+    A hyperparameter given as a number must match; "auto" matches any value, and `seed=None` any seed.
+    Other job options (suffix, validation file) are not compared. None when there is no such job.
+
+    >>> find_job(lab, "data/qa_train.jsonl", n_epochs=3, seed=0)      # doctest: +SKIP
+    """
+    wanted = {
+        "n_epochs": n_epochs,
+        "batch_size": batch_size,
+        "learning_rate_multiplier": learning_rate_multiplier,
+    }
+    content: bytes | None = None
+    for job in lab.client.fine_tuning.jobs.list(limit=100):
+        if job.status != "succeeded" or job.model != (model or lab.finetune_model):
+            continue
+        if seed is not None and job.seed != seed:
+            continue
+        got = job.hyperparameters.model_dump() if job.hyperparameters else {}
+        if any(v != "auto" and got.get(k) != v for k, v in wanted.items()):
+            continue
+        content = _jsonl_bytes(data) if content is None else content
+        try:
+            if lab.client.files.content(job.training_file).read() == content:
+                return job
+        except openai.NotFoundError:  # the training file was deleted since
+            continue
+    return None
+
+
 def fine_tune(
     lab: Lab,
     data: str | Path | ChatDataset,
     *,
     timeout: float | None = None,
     progress: bool = True,
+    reuse: bool = False,
     **job_options: Any,
 ) -> FineTuningJob:
-    """Upload `data`, create the job and wait for it: the seed's three steps in one call."""
+    """Upload `data`, create the job and wait for it: the seed's three steps in one call.
+
+    With `reuse=True`, a job that already trained the same data with the same settings (`find_job`) is
+    returned instead of training again: the same model, at no cost.
+
+    >>> job = fine_tune(lab, "data/qa_train.jsonl", n_epochs=3, seed=0, reuse=True)   # doctest: +SKIP
+    """
+    if reuse:
+        done = find_job(lab, data, **job_options)
+        if done is not None:
+            print(
+                f"reusing {done.id} ({done.fine_tuned_model}): it trained the same data with the same settings"
+            )
+            return done
     file = upload(lab, data)
     job = create_job(lab, file.id, **job_options)
     return wait(lab, job.id, timeout=timeout, progress=progress)
 
 
 def events(lab: Lab, job_id: str, limit: int = 100) -> pd.DataFrame:
-    """The job's event log, oldest first: time, level, type, message."""
+    """The job's latest `limit` events, oldest first: time, level, type, message.
+
+    >>> log = events(lab, job.id)                                    # doctest: +SKIP
+    >>> log[log.type == "message"].message.iloc[-1]                  # doctest: +SKIP
+    'The job has successfully completed'
+    """
+    page = lab.client.fine_tuning.jobs.list_events(job_id, limit=min(limit, 100))
     rows = [
         {
             "created_at": pd.Timestamp(e.created_at, unit="s"),
@@ -138,7 +250,7 @@ def events(lab: Lab, job_id: str, limit: int = 100) -> pd.DataFrame:
             "type": e.type,
             "message": e.message,
         }
-        for e in lab.client.fine_tuning.jobs.list_events(job_id, limit=limit)
+        for e in itertools.islice(page, limit)  # iterating a page fetches the next pages too
     ]
     return (
         pd.DataFrame(rows, columns=["created_at", "level", "type", "message"])
@@ -148,12 +260,19 @@ def events(lab: Lab, job_id: str, limit: int = 100) -> pd.DataFrame:
 
 
 def checkpoints(lab: Lab, job_id: str) -> pd.DataFrame:
-    """The job's checkpoints: step, the checkpoint model name, and its metrics."""
+    """The job's checkpoints: step, the checkpoint model name, and its metrics (train_loss, valid_loss, ...).
+
+    >>> checkpoints(lab, job.id)[["step", "model", "valid_loss"]]   # doctest: +SKIP
+    """
     rows = [
         {
-            "step": c.step_number,
+            "step": c.step_number,  # an int (the metrics' own "step" is a float: left out)
             "model": c.fine_tuned_model_checkpoint,
-            **{k: v for k, v in (c.metrics.model_dump(exclude_none=True) if c.metrics else {}).items()},
+            **{
+                k: v
+                for k, v in (c.metrics.model_dump(exclude_none=True) if c.metrics else {}).items()
+                if k != "step"
+            },
         }
         for c in lab.client.fine_tuning.jobs.checkpoints.list(job_id)
     ]
@@ -165,7 +284,11 @@ def checkpoints(lab: Lab, job_id: str) -> pd.DataFrame:
 
 
 def list_jobs(lab: Lab, limit: int = 20) -> pd.DataFrame:
-    """Recent jobs, newest first: id, status, base model, fine-tuned model, trained tokens."""
+    """Recent jobs, newest first: id, status, base model, fine-tuned model, trained tokens.
+
+    >>> list_jobs(lab, limit=5)["status"].tolist()                   # doctest: +SKIP
+    ['cancelled', 'failed', 'succeeded']
+    """
     rows = [
         {
             "id": j.id,
@@ -179,4 +302,4 @@ def list_jobs(lab: Lab, limit: int = 20) -> pd.DataFrame:
     ]
     return pd.DataFrame(
         rows, columns=["id", "status", "model", "fine_tuned_model", "trained_tokens", "created_at"]
-    )
+    ).astype({"trained_tokens": "Int64"})  # None (not trained) stays <NA>, the rest stay integers

@@ -1,11 +1,14 @@
 """LoRA training on the real chat model: it learns trained answers, serves them as an adapter, cancels.
 
+Then the `llmlab.finetune` helpers and the `JobMonitor` over the SDK, against the session's local server.
+
 Shares the chat runtime of tests/test_runtime.py (one model load per session).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import threading
 
 import pytest
@@ -191,3 +194,135 @@ def test_serving_continues_while_training(rt, trained, tmp_path):
 def test_no_learnable_example_is_refused(rt, tmp_path):
     with pytest.raises(ValueError, match="assistant"):
         train_lora(rt, [{"messages": [{"role": "user", "content": "x"}]}], n_epochs=1, out_dir=tmp_path)
+
+
+# ------------------------------------------------- llmlab.finetune and JobMonitor over the SDK (real server)
+# These drive the session's local server through `lab.client`, as notebook 02 does.
+
+
+def _steps(job) -> int:
+    """Total training steps of a job on the session's `ft_examples` (conftest.FT_EXAMPLES examples)."""
+    from conftest import FT_EXAMPLES
+
+    return math.ceil(FT_EXAMPLES / job.hyperparameters.batch_size) * job.hyperparameters.n_epochs
+
+
+def test_fine_tune_helpers_run_a_job_with_a_validation_file(lab, ft_examples):
+    from llmlab import finetune
+    from llmlab.datasets import ChatDataset
+
+    validation = finetune.upload(lab, ChatDataset(ft_examples[:2]), filename="validation.jsonl")
+    assert validation.purpose == "fine-tune" and validation.bytes > 0
+    assert validation.filename == "validation.jsonl"
+    job = finetune.fine_tune(
+        lab,
+        ChatDataset(ft_examples[::-1]),  # not the bytes of the session's job: find_job must not match it
+        n_epochs=2,
+        batch_size=5,
+        seed=1,
+        suffix="helpers",
+        validation_file=validation.id,
+        timeout=600,
+        progress=False,
+    )
+    assert job.status == "succeeded" and job.fine_tuned_model.endswith(job.id[-8:])
+    assert job.hyperparameters.n_epochs == 2 and job.validation_file == validation.id
+
+    curve = finetune.loss_curve(lab, job.id)
+    assert list(curve.columns) == ["step", "epoch", "train_loss", "valid_loss"]
+    assert curve["step"].tolist() == [1, 2, 3, 4] and curve["epoch"].tolist() == [1, 1, 2, 2]
+    assert curve["valid_loss"].dtype == float
+    assert curve["valid_loss"].isna().tolist() == [True, False, True, False]  # measured at each epoch's end
+
+    checkpoints = finetune.checkpoints(lab, job.id)
+    assert checkpoints["step"].tolist() == [2, 4] and checkpoints["step"].dtype == "int64"
+    assert "valid_loss" in checkpoints and "train_loss" in checkpoints
+    jobs = finetune.list_jobs(lab).set_index("id")
+    assert (
+        jobs.loc[job.id, "trained_tokens"] == job.trained_tokens and jobs["trained_tokens"].dtype == "Int64"
+    )
+
+
+def test_loss_curve_without_a_validation_file_has_no_valid_loss_column(lab, finetuned):
+    from llmlab import finetune
+
+    curve = finetune.loss_curve(lab, finetuned.id)
+    assert "valid_loss" not in curve and curve["train_loss"].dtype == float
+    assert len(curve) == curve["step"].max() == _steps(finetuned)
+
+
+def test_events_returns_the_latest_limit_events_oldest_first(lab, finetuned):
+    from llmlab import finetune
+
+    everything = finetune.events(lab, finetuned.id, limit=1000)
+    assert len(everything) > 40 and everything["message"].iloc[0].startswith("Created fine-tuning job")
+    latest = finetune.events(lab, finetuned.id, limit=5)
+    assert len(latest) == 5  # a page is not the whole log: iterating it would fetch every page
+    assert latest["message"].tolist() == everything["message"].tolist()[-5:]
+    assert latest["message"].iloc[-1] == "The job has successfully completed"
+
+
+def test_wait_sets_a_notebook_progress_bar_to_the_job_steps(lab, finetuned, monkeypatch):
+    from tqdm.notebook import tqdm as notebook_tqdm
+
+    from llmlab import finetune
+
+    bars = []
+
+    class RecordingBar(notebook_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(finetune, "tqdm", RecordingBar)
+    job = finetune.wait(lab, finetuned.id, timeout=60)
+    total = _steps(finetuned)
+    (bar,) = bars
+    _, widget, _ = bar.container.children
+    assert job.status == "succeeded" and bar.total == bar.n == total
+    assert widget.max == widget.value == total  # not the 1-wide "unknown total" bar it starts as
+    assert "succeeded" in str(bar.postfix)
+
+
+def test_job_monitor_summary_tells_the_final_state_as_text(lab, finetuned):
+    from llmlab.ui import JobMonitor
+
+    monitor = JobMonitor(lab, finetuned.id, start=False)
+    assert monitor.summary() == f"{finetuned.id}: not polled yet"
+    monitor.refresh()
+    total = _steps(finetuned)
+    text = monitor.summary()
+    assert text.startswith(f"{finetuned.id}: succeeded → {finetuned.fine_tuned_model}")
+    epochs = finetuned.hyperparameters.n_epochs
+    assert f"step {total}/{total}" in text and f"epoch {epochs}/{epochs}" in text and "trained tokens" in text
+    assert monitor.progress_label.value in text  # the widget's progress line, as text
+    assert repr(monitor) == f"JobMonitor({text})"
+    # what a notebook saves as the widget's text form (viewers without widget support show it)
+    assert monitor._repr_mimebundle_()["text/plain"].startswith(f"JobMonitor({finetuned.id}: succeeded")
+
+
+def test_job_monitor_shows_the_state_as_soon_as_it_is_made(lab, finetuned):
+    from llmlab.ui import JobMonitor
+
+    monitor = JobMonitor(lab, finetuned.id, poll_seconds=0.1)  # start=True: one poll before it is shown
+    assert monitor.job is not None and monitor.finished and not monitor.polling  # nothing left to poll
+    assert repr(monitor).startswith(f"JobMonitor({finetuned.id}: succeeded → {finetuned.fine_tuned_model}")
+    assert "succeeded" in monitor.status.value and monitor.cancel_button.disabled
+
+
+def test_a_broken_file_fails_the_job_and_the_monitor_says_why(lab, ft_examples, tmp_path):
+    from llmlab import finetune
+    from llmlab.ui import JobMonitor
+
+    lines = [json.dumps(e) for e in ft_examples]
+    lines[3] = lines[3][:-1]  # line 4 loses its closing brace
+    path = tmp_path / "broken.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    upload = finetune.upload(lab, path)
+    assert upload.filename == "broken.jsonl"
+    job = finetune.create_job(lab, upload.id, n_epochs=1, suffix="broken")
+    job = finetune.wait(lab, job.id, timeout=120, progress=False)
+    assert job.status == "failed" and job.fine_tuned_model is None and "line 4" in job.error.message
+    monitor = JobMonitor(lab, job.id, start=False)
+    monitor.refresh()
+    assert monitor.finished and "failed" in monitor.summary() and "line 4" in monitor.summary()

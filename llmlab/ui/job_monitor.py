@@ -6,6 +6,11 @@ so the notebook stays usable, and stops when the job ends. The same SDK calls wo
 >>> monitor = JobMonitor(lab, job.id)  # doctest: +SKIP
 >>> monitor.wait(timeout=600).status  # doctest: +SKIP
 'succeeded'
+>>> print(monitor.summary())  # doctest: +SKIP
+ftjob-…: succeeded → ft:SmolLM2-135M-Instruct:llmlab:handbook:1a2b3c4d · step 24/24 · epoch 8/8 · …
+
+Where no widget can be drawn (a headless run, a notebook viewer without widget support), `summary()`
+and the widget's text form (its repr) tell the same state in one line.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ def _n_epochs(job: Any) -> int | None:
 
 class JobMonitor(Panel):
     """A live view of one fine-tuning job; `.refresh()` polls once, `.wait(timeout)` blocks until it ends.
+
+    With `start=True` the constructor polls once (so the widget shows the job's state at once), then a
+    background thread polls every `poll_seconds` until the job ends.
 
     State readable from Python: `.job` (the last `FineTuningJob`), `.events` (oldest first), `.metrics`
     (one dict per step: step, train_loss, valid_loss, ...), `.checkpoints`, and the widgets' values.
@@ -73,6 +81,7 @@ class JobMonitor(Panel):
             ],
         )
         if start:
+            self.guard(self.refresh)()  # show the job's state from the start, then keep it live
             self.start()
 
     # ---- polling ------------------------------------------------------------------------------------
@@ -174,6 +183,37 @@ class JobMonitor(Panel):
                     valid.append((c.step_number, value))
         return {"train": train, "validation": valid} if valid else {"train": train}
 
+    def _progress_parts(self) -> list[str]:
+        """The progress line's pieces: step, epoch, latest train loss, trained tokens."""
+        job, last = self.job, (self.metrics[-1] if self.metrics else {})
+        total = last.get("total_steps") or self.progress.max
+        parts = [f"step {int(last.get('step', 0))}/{total}" if last else "waiting for the first step"]
+        epochs, epoch = _n_epochs(job), last.get("epoch")
+        if epoch is not None:
+            parts.append(f"epoch {epoch}/{epochs}" if epochs else f"epoch {epoch}")
+        if last.get("train_loss") is not None:
+            parts.append(f"train loss {last['train_loss']:.4f}")
+        if job.trained_tokens:
+            parts.append(f"{job.trained_tokens:,} trained tokens")
+        return parts
+
+    def summary(self) -> str:
+        """The monitor's state as one line of text: job, status, model, progress, loss, error.
+
+        >>> JobMonitor(lab, "ftjob-abc", start=False).summary()   # doctest: +SKIP
+        'ftjob-abc: not polled yet'
+        """
+        job, last_error = getattr(self, "job", None), getattr(self, "last_error", None)
+        if job is None:
+            error = f" ({type(last_error).__name__}: {last_error})" if last_error else ""
+            return f"{self.job_id}: not polled yet{error}"
+        model = f" → {job.fine_tuned_model}" if job.fine_tuned_model else ""
+        text = f"{self.job_id}: {job.status}{model} · " + " · ".join(self._progress_parts())
+        return text + (f" · error: {job.error.message}" if job.error else "")
+
+    def __repr__(self) -> str:
+        return f"JobMonitor({self.summary()})"
+
     def _render(self) -> None:
         job = self.job
         color = STATUS_COLORS.get(job.status, "#ef6c00")
@@ -188,16 +228,7 @@ class JobMonitor(Panel):
         self.progress.max = max(int(total), 1)
         step = int(last.get("step", 0))
         self.progress.value = self.progress.max if job.status == "succeeded" else min(step, self.progress.max)
-        epochs = _n_epochs(job)
-        epoch = last.get("epoch")
-        parts = [f"step {step}/{total}" if last else "waiting for the first step"]
-        if epoch is not None:
-            parts.append(f"epoch {epoch}/{epochs}" if epochs else f"epoch {epoch}")
-        if last.get("train_loss") is not None:
-            parts.append(f"train loss {last['train_loss']:.4f}")
-        if job.trained_tokens:
-            parts.append(f"{job.trained_tokens:,} trained tokens")
-        self.progress_label.value = " · ".join(parts)
+        self.progress_label.value = " · ".join(self._progress_parts())
         self.loss_plot.value = line_chart(self.loss_series(), title="loss", xlabel="step")
         self.event_log.value = self._events_html()
         self.cancel_button.disabled = job.status in FINISHED
