@@ -242,14 +242,21 @@ def rag(kb: Any, model: str | None = None, k: int = 3, max_tokens: int = 60) -> 
 
 
 def _run_tools(
-    lab: Any, messages: list[dict], tools: list, model: str | None, max_tokens: int
+    lab: Any, messages: list[dict], tools: list, model: str | None, tool_choice: str, max_tokens: int
 ) -> tuple[str, list[dict], list[str]]:
     """Run the tool loop; (the final text, every request it sent, the calls made as `name(arguments)`)."""
     from llmlab.tools import run, tool
 
     schemas = [tool(t).schema for t in tools]
     result = run(
-        lab, messages, tools, model=model, max_rounds=3, temperature=0, max_completion_tokens=max_tokens
+        lab,
+        messages,
+        tools,
+        model=model,
+        max_rounds=3,
+        tool_choice=tool_choice,
+        temperature=0,
+        max_completion_tokens=max_tokens,
     )
     requests = [
         {
@@ -266,15 +273,22 @@ def _run_tools(
 
 
 def with_tools(
-    lab: Any, tools: list, model: str | None = None, system_prompt: str | None = None, max_tokens: int = 60
+    lab: Any,
+    tools: list,
+    model: str | None = None,
+    system_prompt: str | None = None,
+    tool_choice: str = "auto",
+    max_tokens: int = 60,
 ) -> System:
-    """Function calling: the model may call `tools` (the `llmlab.tools.run` loop), then answers."""
+    """Function calling: the model may call `tools` (the `llmlab.tools.run` loop), then answers.
+
+    `tool_choice` applies to the first round ("required": it must call one of the tools first).
+    """
 
     def ask(question: str) -> Reply:
         start = time.perf_counter()
-        text, requests, calls = _run_tools(
-            lab, _system_messages(system_prompt, question), tools, model, max_tokens
-        )
+        messages = _system_messages(system_prompt, question)
+        text, requests, calls = _run_tools(lab, messages, tools, model, tool_choice, max_tokens)
         return Reply(text, time.perf_counter() - start, requests, tool_calls=calls)
 
     return ask
@@ -285,10 +299,11 @@ def hybrid(
     tools: list,
     model: str | None = None,
     system_prompt: str | None = None,
+    tool_choice: str = "auto",
     k: int = 3,
     max_tokens: int = 60,
 ) -> System:
-    """All three at once: a (fine-tuned) model, the top `k` chunks of `kb` as context, and `tools`."""
+    """All three at once: a (fine-tuned) model, the top `k` chunks of `kb` as context, and `tools` it may call."""
 
     def ask(question: str) -> Reply:
         start = time.perf_counter()
@@ -296,7 +311,7 @@ def hybrid(
         messages = build_prompt(question, hits)
         if system_prompt:
             messages[0] = {"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}
-        text, requests, calls = _run_tools(kb.lab, messages, tools, model, max_tokens)
+        text, requests, calls = _run_tools(kb.lab, messages, tools, model, tool_choice, max_tokens)
         return Reply(text, time.perf_counter() - start, requests, sources=hits.ids, tool_calls=calls)
 
     return ask
