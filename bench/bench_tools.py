@@ -20,27 +20,11 @@ import statistics
 import sys
 import time
 
+from llmlab import company
 from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text, llmlab_home
 
 print = functools.partial(print, flush=True)  # progress shows when redirected to a log
 RESULTS = REPO_ROOT / "bench" / "results" / "tools.json"
-
-
-def load_tools() -> list[dict]:
-    data = json.loads((DATA_DIR / "tools.json").read_text())
-    return data["tools"] if isinstance(data, dict) else data
-
-
-def system_prompt() -> str:
-    """The app's system prompt, as in the tool-call training examples (a question alone is ambiguous)."""
-    first = json.loads((DATA_DIR / "tools_train.jsonl").read_text().splitlines()[0])
-    return first["messages"][0]["content"]
-
-
-def load_eval() -> list[dict]:
-    return [
-        json.loads(line) for line in (DATA_DIR / "tools_eval.jsonl").read_text().splitlines() if line.strip()
-    ]
 
 
 # ------------------------------------------------------------------------------------------ 1. speed
@@ -82,49 +66,22 @@ def bench_speed(tools: list[dict], question: str, repeats: int = 3) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ 2. quality
-def _same(expected, got) -> bool:
-    if isinstance(expected, str) and isinstance(got, str):
-        return expected.strip().casefold() == got.strip().casefold()
-    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        return abs(expected - got) < 1e-9
-    if isinstance(expected, dict) and isinstance(got, dict):
-        return all(k in got and _same(v, got[k]) for k, v in expected.items())
-    return expected == got
-
-
-def evaluate(lab, model: str, tools: list[dict], cases: list[dict], tool_choice: str) -> dict:
+def evaluate(lab, model: str, cases: list[dict], tool_choice: str) -> dict:
     """Share of cases where the first tool call names the right tool (or none when none is right), and where
-    its arguments are right too."""
-    right_tool = right_args = calls = 0
-    system = system_prompt()
-    rows = []
+    its arguments are right too (`llmlab.company.evaluate_tool_calls` asks and scores)."""
     start = time.perf_counter()
-    for case in cases:
-        response = lab.client.chat.completions.create(
-            model=model,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": case["question"]}],
-            tools=tools,
-            tool_choice=tool_choice,
-            temperature=0,
-            max_tokens=40,
-        )
-        calls_made = response.choices[0].message.tool_calls or []
-        name = calls_made[0].function.name if calls_made else None
-        arguments = json.loads(calls_made[0].function.arguments) if calls_made else None
-        calls += bool(calls_made)
-        ok_tool = name == case["tool"]
-        ok_args = ok_tool and (name is None or _same(case["arguments"], arguments))
-        right_tool += ok_tool
-        right_args += ok_args
-        rows.append({"question": case["question"], "tool": name, "arguments": arguments, "ok": ok_args})
-    n = len(cases)
+    scores = company.evaluate_tool_calls(lab, cases, model=model, tool_choice=tool_choice, progress=False)
+    rows = [
+        {"question": r.question, "tool": r.tool, "arguments": r.arguments, "ok": bool(r.right_arguments)}
+        for r in scores.itertuples()
+    ]
     return {
         "model": model,
         "tool_choice": tool_choice,
-        "n": n,
-        "called": calls / n,
-        "right_tool": right_tool / n,
-        "right_arguments": right_args / n,
+        "n": len(scores),
+        "called": float(scores["tool"].notna().mean()),
+        "right_tool": float(scores["right_tool"].mean()),
+        "right_arguments": float(scores["right_arguments"].mean()),
         "seconds": time.perf_counter() - start,
         "rows": rows,
     }
@@ -154,7 +111,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args()
-    tools, cases = load_tools(), load_eval()
+    tools, cases = company.tool_definitions(), company.load_tool_eval()
 
     speed = bench_speed(tools, cases[0]["question"])
     print("constrained vs unconstrained decoding, same prompt (s per generated token)")
@@ -185,12 +142,12 @@ def main() -> int:
 
     save()
     for choice in ("auto", "required"):
-        runs.append(evaluate(lab, lab.chat_model, tools, cases, choice))
+        runs.append(evaluate(lab, lab.chat_model, cases, choice))
         save()
     if not args.skip_finetune:
         model, finetune_seconds = finetune(lab, args.epochs)
         for choice in ("auto", "required"):
-            runs.append(evaluate(lab, model, tools, cases, choice))
+            runs.append(evaluate(lab, model, cases, choice))
             save()
     baseline = runs[0]
     print(f"\ntool choice on {len(cases)} held-out questions ({len(tools)} tools), greedy")

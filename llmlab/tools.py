@@ -288,7 +288,9 @@ def _execute(call: Any, by_name: dict[str, Tool], round_no: int) -> tuple[dict, 
                 step.error = f"{name} raised {type(e).__name__}: {e}"
     step.seconds = time.perf_counter() - start
     content = (
-        step.result if step.error is None else f"Error: {step.error}. Fix the arguments or answer without it."
+        step.result
+        if step.error is None
+        else f"Error: {step.error.rstrip('.')}. Fix the arguments or answer without it."
     )
     return {"role": "tool", "tool_call_id": call.id, "content": content}, step
 

@@ -235,6 +235,29 @@ def test_run_parallel_tool_calls_against_openai_shape():
     assert frame["error"].notna().sum() == 2
 
 
+def test_error_message_ends_in_one_full_stop():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if len(json.loads(request.content)["messages"]) > 1:
+            message = {"role": "assistant", "content": "Sorry."}
+            return httpx.Response(200, json=_completion(message, "stop"))
+        call = {"id": "call_x", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+        message = {"role": "assistant", "content": None, "tool_calls": [call]}
+        return httpx.Response(200, json=_completion(message, "tool_calls"))
+
+    def lookup() -> str:
+        raise ValueError("nobody by that name. Use the full name.")
+
+    client = openai.OpenAI(
+        api_key="sk-test", http_client=httpx.Client(transport=httpx.MockTransport(handler))
+    )
+    lab = type("FakeLab", (), {"client": client, "chat_model": "gpt-4o-mini"})()
+    result = run(lab, [{"role": "user", "content": "go"}], [lookup])
+    assert result.messages[2]["content"] == (
+        "Error: lookup raised ValueError: nobody by that name. Use the full name. "
+        "Fix the arguments or answer without it."
+    )
+
+
 def test_max_rounds_with_a_model_that_never_stops_calling():
     def handler(request: httpx.Request) -> httpx.Response:
         call = {"id": "call_x", "type": "function", "function": {"name": "ping", "arguments": "{}"}}
@@ -436,3 +459,92 @@ def test_max_rounds_is_honoured(local_lab):
     frame = result.trace.to_dataframe()
     assert frame["kind"].tolist() == ["model"] + ["tool"] * len(result.message.tool_calls)
     assert frame["error"].isna().all() and frame["result"].iloc[-1].startswith("Sunny in")
+
+
+# ---------------------------------------------------------------- the local backend's guards
+
+
+def test_repeated_calls_of_a_turn_are_dropped():
+    from llmlab.local import toolcalls
+
+    syntax = toolcalls.call_syntax()
+    a = '{"name": "find_employee", "arguments": {"name": "Yusuf Demir"}}'
+    a_reordered = '{"arguments": {"name": "Yusuf Demir"}, "name": "find_employee"}'
+    b = '{"name": "find_employee", "arguments": {"name": "Joost Smit"}}'
+    text = syntax.separator.join([a, b, a_reordered]) + syntax.closer
+    calls = toolcalls._parse_calls(text, syntax)
+    assert [json.loads(c.arguments)["name"] for c in calls] == ["Yusuf Demir", "Joost Smit"]
+    assert not toolcalls._repeats(a, syntax) and not toolcalls._repeats(a + syntax.separator + b, syntax)
+    assert not toolcalls._repeats(a + syntax.separator + a[:-3], syntax)  # the repeat is not complete yet
+    assert toolcalls._repeats(a + syntax.separator + a_reordered, syntax)
+
+
+def test_answer_grammar_only_rules_out_a_leading_tag():
+    import re
+
+    from llmlab.local.toolcalls import ANSWER_GRAMMAR
+
+    pattern = re.compile(ANSWER_GRAMMAR.removeprefix("start: /").removesuffix("/\n"))
+    for text in ["", "Ruben Costa.", "  Yes.\nNo <b>tags</b> inside are fine", "{}"]:
+        assert pattern.fullmatch(text), text
+    for text in ["<tool_call>", "\n<tool_call>{}", "<tool_call_2>"]:
+        assert not pattern.fullmatch(text), text
+
+
+YUSUF = {"employee_id": "E016", "name": "Yusuf Demir", "team": "Data Platform", "manager": "Ruben Costa"}
+
+
+def _after_a_tool_result(question: str = "Who is Yusuf Demir's manager?") -> list[dict]:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "find_employee", "arguments": '{"name": "Yusuf Demir"}'},
+    }
+    return [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps(YUSUF)},
+    ]
+
+
+def find_employee(name: str) -> dict:
+    """Look up an employee by name.
+
+    Args:
+        name: Full name of the employee.
+    """
+    return YUSUF
+
+
+@pytest.mark.parametrize("tool_choice", ["none", "auto"])
+def test_answer_after_a_tool_result_is_text(local_lab, tool_choice):
+    # Before the answer grammar, the base model wrote another "<tool_call>" here and the answer was empty.
+    response = local_lab.client.chat.completions.create(
+        model=local_lab.chat_model,
+        messages=_after_a_tool_result(),
+        tools=[tool(find_employee).schema],
+        tool_choice=tool_choice,
+        temperature=0,
+        max_tokens=40,
+    )
+    message = response.choices[0].message
+    if message.tool_calls:  # "auto" may still decide to call, by the model's likelihood
+        assert tool_choice == "auto" and response.choices[0].finish_reason == "tool_calls"
+    else:
+        assert message.content and message.content.strip() and not message.content.lstrip().startswith("<")
+
+
+def test_parallel_calls_never_repeat_a_call(local_lab):
+    # The base model repeats the same call until MAX_PARALLEL_CALLS; the backend stops at the first repeat.
+    response = _create(
+        local_lab,
+        "Who is Yusuf Demir's manager?",
+        [find_employee],
+        tool_choice={"type": "function", "function": {"name": "find_employee"}},
+        parallel_tool_calls=True,
+    )
+    calls = response.choices[0].message.tool_calls
+    assert calls and response.choices[0].finish_reason == "tool_calls"
+    keys = [(c.function.name, json.dumps(json.loads(c.function.arguments), sort_keys=True)) for c in calls]
+    assert len(keys) == len(set(keys))
+    assert response.usage.completion_tokens < 150  # stopped early, not at max_tokens

@@ -9,12 +9,17 @@ The server hands a chat-completions request with `tools` to `complete_with_tools
 
 How it works:
 - the prompt is `chat_format.render(messages, tools)`: the same text the model is fine-tuned on;
-- "none" → plain generation (stopped at a tool-call opener); "required" or a named function → the model
-  writes `{"name": ..., "arguments": ...}` under an llguidance grammar that only admits the tools' names
-  and, for each name, arguments valid for that tool's JSON schema (`anyOf` over the tools), so they always
-  parse and validate; with `parallel_tool_calls` it may write up to `MAX_PARALLEL_CALLS` calls;
+- "none" → a text answer, under a grammar that only rules out starting with "<" (after a tool result a small
+  model likes to write another `<tool_call>`, and the answer would be empty); it is also stopped at a
+  tool-call opener later on;
+  "required" or a named function → the model writes `{"name": ..., "arguments": ...}` under an llguidance
+  grammar that only admits the tools' names and, for each name, arguments valid for that tool's JSON
+  schema (`anyOf` over the tools), so they always parse and validate; with `parallel_tool_calls` it may
+  write up to `MAX_PARALLEL_CALLS` calls, and generation stops at the first call that repeats an earlier
+  one of the same turn (a small model's loop; running it twice would, e.g., book a room twice);
 - "auto" → the model's own likelihood decides: P(the answer starts with the tool-call opener) against
-  P(it starts with anything else), i.e. call when log P(opener) > log 0.5. No keyword rules.
+  P(it starts with anything else), i.e. call when log P(opener) > log 0.5; an answer is then written as
+  for "none". No keyword rules.
 """
 
 from __future__ import annotations
@@ -198,6 +203,11 @@ def call_grammar(functions: list[dict], parallel: bool) -> str:
     )
 
 
+# A text answer: anything that does not start (after blank space) with "<". Ruling out only the tag
+# "<tool_call>" is not enough: after a tool result the base model then writes "<tool_call_2>…" instead.
+ANSWER_GRAMMAR = "start: /\\s*([^<\\s][\\s\\S]*)?/\n"
+
+
 def new_call_id() -> str:
     """An OpenAI-style tool call id: "call_" and 24 random letters and digits."""
     alphabet = string.ascii_letters + string.digits
@@ -234,15 +244,51 @@ def plan(
     return ToolPlan(prompt, grammar if lp > math.log(0.5) else None, lp)
 
 
+def _call_key(piece: str) -> str | None:
+    """A complete call's identity (name and arguments, key order ignored), or None while it is incomplete."""
+    try:
+        obj = json.loads(piece)
+    except json.JSONDecodeError:
+        return None
+    return json.dumps(obj, sort_keys=True) if isinstance(obj, dict) else None
+
+
 def _parse_calls(text: str, syntax: CallSyntax) -> list[ToolCall]:
-    calls = []
+    """The calls in the generated text: complete ones only (a call cut off by max_tokens is dropped), and
+    each distinct call once (a repeat of an earlier call of the same turn is dropped)."""
+    calls, seen = [], set()
     for piece in text.removesuffix(syntax.closer).split(syntax.separator):
-        try:
-            obj = json.loads(piece)
-        except json.JSONDecodeError:
+        key = _call_key(piece)
+        if key is None:
             break  # cut off by max_tokens
+        if key in seen:
+            continue
+        seen.add(key)
+        obj = json.loads(piece)
         calls.append(ToolCall(new_call_id(), obj["name"], json.dumps(obj["arguments"], ensure_ascii=False)))
     return calls
+
+
+def _repeats(text: str, syntax: CallSyntax) -> bool:
+    """True when the last call in `text` is complete and repeats an earlier call."""
+    *earlier, last = text.removesuffix(syntax.closer).split(syntax.separator)
+    key = _call_key(last) if earlier else None
+    return key is not None and key in {_call_key(p) for p in earlier}
+
+
+def _generate_calls(runtime: Any, prompt: str, grammar: str, **sampling: Any) -> tuple[str, int]:
+    """Stream the calls under `grammar`; stop at the first repeated call. Returns (text, generated tokens)."""
+    syntax, text = call_syntax(), ""
+    deltas = runtime.stream(prompt, lark_grammar=grammar, **sampling)
+    try:
+        while True:
+            text += next(deltas)
+            if _repeats(text, syntax):
+                return text, runtime.count_tokens(text)
+    except StopIteration as done:
+        return text, done.value.completion_tokens
+    finally:
+        deltas.close()
 
 
 def complete_with_tools(
@@ -280,12 +326,17 @@ def complete_with_tools(
     }
     syntax = call_syntax()
     if chosen.grammar is None:
-        gen = runtime.generate(chosen.prompt, stop=[*(stop or []), syntax.opener.strip()], **sampling)
+        gen = runtime.generate(
+            chosen.prompt,
+            stop=[*(stop or []), syntax.opener.strip()],
+            lark_grammar=ANSWER_GRAMMAR,
+            **sampling,
+        )
         return ToolCompletion(gen.text, [], gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
-    gen = runtime.generate(chosen.prompt + syntax.opener, lark_grammar=chosen.grammar, **sampling)
+    text, generated = _generate_calls(runtime, chosen.prompt + syntax.opener, chosen.grammar, **sampling)
     prompt_tokens = runtime.count_tokens(chosen.prompt)
-    completion_tokens = gen.completion_tokens + max(gen.prompt_tokens - prompt_tokens, 0)
-    calls = _parse_calls(gen.text, syntax)
+    completion_tokens = generated + runtime.count_tokens(syntax.opener)
+    calls = _parse_calls(text, syntax)
     # A call cut off by max_tokens is dropped; the complete calls before it are still returned.
     finish = "tool_calls" if calls else "length"
     return ToolCompletion(None, calls, finish, prompt_tokens, completion_tokens)
