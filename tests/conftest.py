@@ -20,6 +20,9 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite tests the local backend (OpenAI-only paths use a mocked transport, said in those tests): a key in
+# the developer's environment must not send the notebooks, which nbval runs in kernels that inherit it, to OpenAI.
+os.environ.pop("OPENAI_API_KEY", None)
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TEST_HOME = Path(tempfile.mkdtemp(prefix="llmlab-test-home-"))
 os.environ["LLMLAB_HOME"] = str(TEST_HOME)

@@ -170,7 +170,10 @@ def test_comparison_view_has_a_table_and_one_chart_per_metric():
 
 
 def test_ask_api_key_sets_the_environment_only_and_clears_the_input(monkeypatch, capsys):
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    # setenv first, so that monkeypatch's teardown also removes the key that the prompt sets: a key left in
+    # os.environ would make every notebook after this test (nbval kernels inherit it) talk to OpenAI
+    monkeypatch.setenv("OPENAI_API_KEY", "placeholder")
+    monkeypatch.delenv("OPENAI_API_KEY")
     prompt = ask_api_key()
     prompt.button.click()
     assert "OPENAI_API_KEY" not in os.environ and "Paste a key" in prompt.status.value
