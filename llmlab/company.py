@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal
 import pandas as pd
 import pydantic
 
-from llmlab.paths import DATA_DIR
+from llmlab.paths import DATA_DIR, read_data_jsonl
 from llmlab.tools import Tool, tool
 
 __all__ = [
@@ -232,10 +232,6 @@ def company_tools() -> list[Tool]:
 
 
 # ------------------------------------------------------------------------------------------ data files
-def _jsonl(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def tool_definitions() -> list[dict]:
     """The tool definitions of data/tools.json (OpenAI's `tools` list), as a model would receive them."""
     data = json.loads((DATA_DIR / "tools.json").read_text(encoding="utf-8"))
@@ -248,7 +244,7 @@ def system_prompt() -> str:
     >>> system_prompt().startswith("You are the assistant of Fernhollow Instruments.")
     True
     """
-    return _jsonl(DATA_DIR / "tools_train.jsonl")[0]["messages"][0]["content"]
+    return read_data_jsonl("tools_train.jsonl")[0]["messages"][0]["content"]
 
 
 def load_tool_eval() -> list[dict]:
@@ -259,7 +255,7 @@ def load_tool_eval() -> list[dict]:
     >>> load_tool_eval()[0]["tool"]
     'get_leave_balance'
     """
-    return _jsonl(DATA_DIR / "tools_eval.jsonl")
+    return read_data_jsonl("tools_eval.jsonl")
 
 
 # ------------------------------------------------------------------------------------------ evaluation

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from llmlab import tokens
 from llmlab.datasets import ChatDataset
-from llmlab.paths import DATA_DIR
+from llmlab.paths import DATA_DIR, read_data_jsonl
 from llmlab.rag import build_prompt
 
 # ------------------------------------------------------------------------------------------ the claims
@@ -112,20 +112,15 @@ def contains_facts(answer: str, facts: Iterable[str]) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ questions
-def _read_jsonl(name: str) -> list[dict]:
-    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 def trained_questions() -> list[dict]:
     """Training questions (verbatim from qa_train.jsonl) with the key facts of their answers.
 
     The facts come from the held-out paraphrases: each paraphrase's facts are stated by one training
     answer, and that answer's question is asked word for word.
     """
-    examples = _read_jsonl("qa_train.jsonl")
+    examples = read_data_jsonl("qa_train.jsonl")
     rows, seen = [], set()
-    for row in _read_jsonl("eval.jsonl"):
+    for row in read_data_jsonl("eval.jsonl"):
         if row["kind"] != "paraphrase":
             continue
         for example in examples:
@@ -175,7 +170,7 @@ def load_questions(per_kind: int | None = None) -> pd.DataFrame:
     >>> load_questions(per_kind=2)["kind"].tolist()
     ['trained', 'trained', 'paraphrase', 'paraphrase', 'handbook_only', 'handbook_only', 'live', 'live']
     """
-    rows = trained_questions() + _read_jsonl("eval.jsonl")
+    rows = trained_questions() + read_data_jsonl("eval.jsonl")
     frame = pd.DataFrame(rows, columns=["id", "question", "facts", "source", "kind"])
     frame["kind"] = pd.Categorical(frame["kind"], categories=KINDS, ordered=True)
     frame = frame.sort_values("kind", kind="stable")

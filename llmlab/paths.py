@@ -7,12 +7,23 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"
+
+
+def read_data_jsonl(name: str) -> list[dict]:
+    """The records of the JSONL file `name` in data/ (blank lines skipped): the kit's own, well-formed data.
+
+    >>> read_data_jsonl("eval.jsonl")[0]["kind"]
+    'paraphrase'
+    """
+    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def llmlab_home() -> Path:
