@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.llmlab-installed
 LAB_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup lab test browser lint
+.PHONY: setup lab test browser lint bench
 
 setup: $(STAMP)
 
@@ -37,3 +37,9 @@ test: setup browser
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Every benchmark in bench/, one after another (each compares against its baseline in the same run);
+# results go to bench/results/. Run them on a quiet machine: the ratios are only as steady as the CPU.
+bench: setup
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	for b in bench/bench_*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done

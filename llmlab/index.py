@@ -22,8 +22,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,10 +34,10 @@ HNSW_DEFAULTS = {"M": 16, "ef_construction": 200, "ef": 64}
 FORMAT = "llmlab.VectorIndex"
 FORMAT_VERSION = 1
 # With a `where` filter, the hnsw backend searches the matching rows exactly when they are fewer than this
-# fraction of the index: hnswlib's Python filter callback slows down as matches get rarer (at 100k x 384:
-# 5 q/s at 0.1% allowed, 69 q/s at 10%, 330 q/s at 50%), while exact search over few rows is fast.
-# bench/bench_index.py measures the crossover; see bench/results/index.json.
-FILTER_EXACT_BELOW = 0.3
+# fraction of the index: hnswlib's Python filter callback slows down as matches get rarer, while exact search
+# over few rows is fast. At 100k x 384 (bench/results/index.json): callback 13 q/s at 0.1% allowed, 217 at
+# 10%, 476 at 20%; exact over the matching rows 19,000 q/s at 0.1%, 347 at 10%, 173 at 20%.
+FILTER_EXACT_BELOW = 0.15
 
 _CHUNK = 32  # exact top-k: columns per chunk whose maxima bound the k-th best score
 _BLOCK_CELLS = 1 << 24  # exact search: queries per block so that one block's score matrix is ~64 MB
@@ -88,42 +87,67 @@ class SearchResults(list):
 
 
 class _RWLock:
-    """Many readers or one writer; a waiting writer keeps new readers out."""
+    """Many readers or one writer; a waiting writer keeps new readers out.
+
+    `with lock.read():` / `with lock.write():`. Plain context-manager objects rather than `@contextmanager`
+    generators: every search takes the read side, so its cost adds to each query.
+    """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._reading, self._writing = _Reading(self), _Writing(self)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer or self._writers_waiting:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if not self._readers:
-                    self._cond.notify_all()
+    def read(self) -> _Reading:
+        return self._reading
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        with self._cond:
-            self._writers_waiting += 1
-            while self._writer or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = True
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._writer = False
-                self._cond.notify_all()
+    def write(self) -> _Writing:
+        return self._writing
+
+
+class _Reading:
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: _RWLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        lock = self.lock
+        with lock._cond:
+            while lock._writer or lock._writers_waiting:
+                lock._cond.wait()
+            lock._readers += 1
+
+    def __exit__(self, *exc: object) -> None:
+        lock = self.lock
+        with lock._cond:
+            lock._readers -= 1
+            if not lock._readers:
+                lock._cond.notify_all()
+
+
+class _Writing:
+    __slots__ = ("lock",)
+
+    def __init__(self, lock: _RWLock) -> None:
+        self.lock = lock
+
+    def __enter__(self) -> None:
+        lock = self.lock
+        with lock._cond:
+            lock._writers_waiting += 1
+            while lock._writer or lock._readers:
+                lock._cond.wait()
+            lock._writers_waiting -= 1
+            lock._writer = True
+
+    def __exit__(self, *exc: object) -> None:
+        lock = self.lock
+        with lock._cond:
+            lock._writer = False
+            lock._cond.notify_all()
 
 
 def compile_where(where: dict) -> Callable[[dict], bool]:
@@ -188,7 +212,7 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices of the k highest scores of each row, best first, ties by lower column.
 
     No full sort: the k-th largest of the per-chunk maxima is a threshold that at least k scores reach and
-    that every score of the true top k reaches, so only the few scores above it are sorted.
+    that every score of the true top k reaches, so only the chunks whose maximum reaches it are sorted.
     """
     b, n = scores.shape
     if n <= 8 * _CHUNK * k:
@@ -196,8 +220,13 @@ def _topk(scores: np.ndarray, k: int) -> np.ndarray:
     maxima = np.maximum.reduceat(scores, np.arange(0, n, _CHUNK), axis=1)
     m = maxima.shape[1]
     threshold = np.partition(maxima, m - k, axis=1)[:, m - k]
-    rows, cols = np.nonzero(scores >= threshold[:, None])
-    order = np.lexsort((cols, -scores[rows, cols], rows))
+    rows, chunks = np.nonzero(maxima >= threshold[:, None])  # at least k chunks per row
+    cols = (chunks[:, None] * _CHUNK + np.arange(_CHUNK)).ravel()
+    rows = np.repeat(rows, _CHUNK)
+    inside = cols < n  # the last chunk may be short
+    rows, cols = rows[inside], cols[inside]
+    values = scores[rows, cols]
+    order = np.lexsort((cols, -values, rows))
     starts = np.zeros(b, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=b)[:-1], out=starts[1:])
     return cols[order[starts[:, None] + np.arange(k)]]
@@ -527,9 +556,11 @@ class VectorIndex:
                 found, scores = self._exact(q, min(k, count), rows)
             else:
                 found, scores = self._approx(q, min(k, count), rows, allowed)
-            ids, texts, meta = self._ids, self._texts, self._meta
+            ids, texts, meta, hit = self._ids, self._texts, self._meta, Hit._make
             results = [
-                SearchResults([Hit(ids[r], s, texts[r], meta[r].copy()) for r, s in zip(rs, ss, strict=True)])
+                SearchResults(
+                    [hit((ids[r], s, texts[r], meta[r].copy())) for r, s in zip(rs, ss, strict=True)]
+                )
                 for rs, ss in zip(found.tolist(), scores.tolist(), strict=True)
             ]
         return results[0] if single else results
@@ -561,9 +592,14 @@ class VectorIndex:
         block = max(1, _BLOCK_CELLS // len(vecs))
         found = np.empty((len(q), k), dtype=np.int64)
         best = np.empty((len(q), k), dtype=np.float32)
+        buffer = np.empty((min(block, len(q)), len(vecs)), dtype=np.float32)  # one allocation for all blocks
         for start in range(0, len(q), block):
             qb = q[start : start + block]
-            s = (vecs @ qb[0])[None] if len(qb) == 1 else qb @ vecs.T  # matrix-vector is faster for one
+            s = buffer[: len(qb)]
+            if len(qb) == 1:
+                np.matmul(vecs, qb[0], out=s[0])  # matrix-vector is faster for one
+            else:
+                np.matmul(qb, vecs.T, out=s)
             if rows is not None and full:
                 s[:, blocked] = -np.inf
             if self.metric == "l2":  # rank by 2 q.x - |x|^2, i.e. by -|q - x|^2 + |q|^2

