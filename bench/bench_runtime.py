@@ -4,13 +4,15 @@
 
 Rows: cold start from the GGUF vs from the weight cache; decode tokens/s of `ChatRuntime.generate` vs
 transformers' `model.generate` (same prompt, greedy); per-token time of constrained (llguidance JSON
-schema) vs unconstrained decoding; torch.ao dynamic int8 vs fp32 (not used by default); embedding
-throughput of `EmbeddingRuntime.embed` vs raw sentence-transformers; peak RSS of a serving process.
+schema) vs unconstrained decoding; torch.ao dynamic int8 vs fp32 (not used by default); decode tokens/s
+vs llama.cpp on the same GGUF when `llama-cpp-python` is installed (optional: it compiles for minutes);
+embedding throughput of `EmbeddingRuntime.embed` vs raw sentence-transformers; peak RSS of a serving process.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import resource
 import subprocess
@@ -23,7 +25,7 @@ import torch
 
 from llmlab.local.chat_format import render
 from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime
-from llmlab.models import minilm_path
+from llmlab.models import minilm_path, smollm2_gguf_path
 from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text, llmlab_home
 
 STORY = render([{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}])
@@ -134,6 +136,24 @@ def embedding_speed() -> dict:
     }
 
 
+def llama_cpp_speed(rt: ChatRuntime) -> dict | None:
+    """Greedy decode tokens/s of llama.cpp on the GGUF that our weights come from (same prompt, same
+    threads), or None when `llama-cpp-python` is not installed."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(smollm2_gguf_path()), n_ctx=1024, n_threads=rt.threads, verbose=False)
+
+    def run() -> int:
+        out = llm.create_completion(STORY, max_tokens=TOKENS, temperature=0)
+        return out["usage"]["completion_tokens"]
+
+    run()
+    t, tokens = best(run)
+    return {"llama_cpp_tok_s": tokens / t, "gguf": smollm2_gguf_path().name}
+
+
 def serving_rss() -> dict:
     """Peak RSS of a fresh process that loads both models, chats and embeds (measured in a child).
 
@@ -158,6 +178,7 @@ def main() -> None:
     results["decode"] = decode_speed(rt)
     results["constrained"] = constrained_speed(rt)
     results["int8"] = int8_speed(rt)
+    results["llama_cpp"] = llama_cpp_speed(rt)
     results["embedding"] = embedding_speed()
     results["memory"] = serving_rss()
     results["bench_process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -181,10 +202,22 @@ def main() -> None:
             r["embedding"]["raw_texts_s"],
         ),
     ]
+    if r["llama_cpp"] is not None:
+        rows.append(
+            (
+                "decode tok/s: runtime vs llama.cpp (same GGUF)",
+                r["decode"]["runtime_tok_s"],
+                r["llama_cpp"]["llama_cpp_tok_s"],
+            )
+        )
     results["ratios"] = {name: ours / base for name, ours, base in rows}
     print(f"{'measure':50} {'ours':>10} {'baseline':>10} {'ratio':>7}")
     for name, ours, base in rows:
         print(f"{name:50} {ours:10.3f} {base:10.3f} {ours / base:7.2f}")
+    if r["llama_cpp"] is None:
+        print(
+            "llama.cpp: not installed (pip install llama-cpp-python, which compiles for minutes, to compare)"
+        )
     print(f"peak RSS serving chat + embeddings: {r['memory']['serving_peak_rss_mb']:.0f} MB")
     print(f"constrained output: {r['constrained']['constrained_output']}")
     print(f"int8 text: {r['int8']['int8_text']!r}\nfp32 text: {r['int8']['fp32_text']!r}")
