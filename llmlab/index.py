@@ -98,56 +98,54 @@ class _RWLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
-        self._reading, self._writing = _Reading(self), _Writing(self)
+        self._read = _Held(self._acquire_read, self._release_read)
+        self._write = _Held(self._acquire_write, self._release_write)
 
-    def read(self) -> _Reading:
-        return self._reading
+    def read(self) -> _Held:
+        return self._read
 
-    def write(self) -> _Writing:
-        return self._writing
+    def write(self) -> _Held:
+        return self._write
+
+    def _acquire_read(self) -> None:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+
+    def _release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if not self._readers:
+                self._cond.notify_all()
+
+    def _acquire_write(self) -> None:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+
+    def _release_write(self) -> None:
+        with self._cond:
+            self._writer = False
+            self._cond.notify_all()
 
 
-class _Reading:
-    __slots__ = ("lock",)
+class _Held:
+    """One side of an `_RWLock` as a context manager."""
 
-    def __init__(self, lock: _RWLock) -> None:
-        self.lock = lock
+    __slots__ = ("_acquire", "_release")
+
+    def __init__(self, acquire: Callable[[], None], release: Callable[[], None]) -> None:
+        self._acquire, self._release = acquire, release
 
     def __enter__(self) -> None:
-        lock = self.lock
-        with lock._cond:
-            while lock._writer or lock._writers_waiting:
-                lock._cond.wait()
-            lock._readers += 1
+        self._acquire()
 
     def __exit__(self, *exc: object) -> None:
-        lock = self.lock
-        with lock._cond:
-            lock._readers -= 1
-            if not lock._readers:
-                lock._cond.notify_all()
-
-
-class _Writing:
-    __slots__ = ("lock",)
-
-    def __init__(self, lock: _RWLock) -> None:
-        self.lock = lock
-
-    def __enter__(self) -> None:
-        lock = self.lock
-        with lock._cond:
-            lock._writers_waiting += 1
-            while lock._writer or lock._readers:
-                lock._cond.wait()
-            lock._writers_waiting -= 1
-            lock._writer = True
-
-    def __exit__(self, *exc: object) -> None:
-        lock = self.lock
-        with lock._cond:
-            lock._writer = False
-            lock._cond.notify_all()
+        self._release()
 
 
 def compile_where(where: dict) -> Callable[[dict], bool]:
