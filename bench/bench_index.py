@@ -128,10 +128,10 @@ def bench_filters(index: VectorIndex, q: np.ndarray, queries: int) -> dict:
         k = min(K, len(allowed))  # search() clamps k the same way
 
         def exact(allowed=allowed, k=k):
-            return np.vstack([index._exact(v[None], k, allowed)[0] for v in qs])
+            return np.array([index._exact(v[None], k, allowed)[0][0] for v in qs])
 
         def callback(allowed=allowed, labels=labels, k=k):
-            return np.vstack([index._approx(v[None], k, allowed, labels)[0] for v in qs])
+            return np.array([index._approx(v[None], k, allowed, labels)[0][0] for v in qs])
 
         row = {"fraction": fraction, "callback_recall": recall(callback(), exact())}
         row["exact_qps"], row["callback_qps"] = per_second(exact, callback, count=queries, repeat=2)

@@ -18,6 +18,7 @@ come in insertion order. ``"cosine"`` stores unit-length copies of the vectors.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,8 +40,9 @@ FORMAT_VERSION = 1
 # 10%, 476 at 20%; exact over the matching rows 19,000 q/s at 0.1%, 347 at 10%, 173 at 20%.
 FILTER_EXACT_BELOW = 0.15
 
-_CHUNK = 32  # exact top-k: columns per chunk whose maxima bound the k-th best score
-_BLOCK_CELLS = 1 << 24  # exact search: queries per block so that one block's score matrix is ~64 MB
+_CHUNK = 32  # exact top-k: database rows per chunk whose maxima bound the k-th best score
+_TILE_CELLS = 1 << 20  # exact search: scores per tile (4 MB), reduced to chunk maxima while still in cache
+_LOWEST = np.finfo(np.float32).min
 _OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin")
 
 
@@ -94,7 +96,8 @@ class _RWLock:
     """
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = threading.Lock()  # taken with its C-level `with`: cheaper than the Condition's
+        self._cond = threading.Condition(self._mutex)
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
@@ -108,19 +111,19 @@ class _RWLock:
         return self._write
 
     def _acquire_read(self) -> None:
-        with self._cond:
+        with self._mutex:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
 
     def _release_read(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._readers -= 1
-            if not self._readers:
+            if not self._readers and self._writers_waiting:
                 self._cond.notify_all()
 
     def _acquire_write(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._writers_waiting += 1
             while self._writer or self._readers:
                 self._cond.wait()
@@ -128,7 +131,7 @@ class _RWLock:
             self._writer = True
 
     def _release_write(self) -> None:
-        with self._cond:
+        with self._mutex:
             self._writer = False
             self._cond.notify_all()
 
@@ -206,28 +209,62 @@ def _field_test(field: str, op: str, value: Any) -> Callable[[dict], bool]:
     )
 
 
-def _topk(scores: np.ndarray, k: int) -> np.ndarray:
-    """Column indices of the k highest scores of each row, best first, ties by lower column.
+def _exact_topk(
+    q: np.ndarray, vecs: np.ndarray, k: int, sq: np.ndarray | None = None, blocked: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Columns (b, k) of the k best scores ``q @ vecs.T`` per query, best first, ties by lower column, and
+    those scores. With ``sq`` (squared norms) the score is ``2 q.x - |x|^2`` (l2); ``blocked`` rows never
+    appear, and at least k rows must not be blocked.
 
-    No full sort: the k-th largest of the per-chunk maxima is a threshold that at least k scores reach and
-    that every score of the true top k reaches, so only the chunks whose maximum reaches it are sorted.
+    No full sort and no (b, n) matrix: the database is scored in tiles of (w, b), and each tile's chunk maxima
+    (of 32 rows) are taken while it is in cache. The smallest of the k largest chunk maxima seen so far is a
+    threshold that at least k scores reach, so only scores reaching it are kept, and only those are sorted.
+
+    >>> _exact_topk(np.eye(2, dtype=np.float32), np.array([[1, 0], [0, 1], [2, 0]], np.float32), k=2)[0]
+    array([[2, 0],
+           [1, 0]])
     """
-    b, n = scores.shape
-    if n <= 8 * _CHUNK * k:
-        return np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    maxima = np.maximum.reduceat(scores, np.arange(0, n, _CHUNK), axis=1)
-    m = maxima.shape[1]
-    threshold = np.partition(maxima, m - k, axis=1)[:, m - k]
-    rows, chunks = np.nonzero(maxima >= threshold[:, None])  # at least k chunks per row
-    cols = (chunks[:, None] * _CHUNK + np.arange(_CHUNK)).ravel()
-    rows = np.repeat(rows, _CHUNK)
-    inside = cols < n  # the last chunk may be short
-    rows, cols = rows[inside], cols[inside]
-    values = scores[rows, cols]
-    order = np.lexsort((cols, -values, rows))
+    b, n = len(q), len(vecs)
+    w = -(-max(_TILE_CELLS // b, 2 * _CHUNK * k) // _CHUNK) * _CHUNK  # a multiple of _CHUNK, >= 2k chunks
+    w = min(w, -(-n // _CHUNK) * _CHUNK)
+    tile = np.empty((w, b), dtype=np.float32)
+    qt = np.ascontiguousarray(q.T)
+    top = np.full((k, b), -np.inf, dtype=np.float32)  # the k largest chunk maxima so far, per query
+    threshold = np.full(b, _LOWEST, dtype=np.float32)  # the smallest of those: blocked scores never pass
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    offsets = np.arange(_CHUNK)
+    for start in range(0, n, w):
+        m = min(w, n - start)
+        s = tile[:m]
+        if b == 1:
+            np.matmul(vecs[start : start + m], q[0], out=s[:, 0])  # matrix-vector is faster for one
+        else:
+            np.matmul(vecs[start : start + m], qt, out=s)
+        if sq is not None:  # rank by 2 q.x - |x|^2, i.e. by -|q - x|^2 + |q|^2
+            s *= 2
+            s -= sq[start : start + m, None]
+        if blocked is not None:
+            s[blocked[start : start + m]] = -np.inf
+        c = -(-m // _CHUNK)
+        tile[m : c * _CHUNK] = -np.inf  # pad the last chunk
+        maxima = tile[: c * _CHUNK].reshape(c, _CHUNK, b).max(axis=1)  # (c, b)
+        changed = np.flatnonzero((maxima >= threshold).any(axis=0))  # queries whose k largest maxima change
+        top[:, changed] = np.partition(np.concatenate([top[:, changed], maxima[:, changed]]), c, axis=0)[c:]
+        threshold[changed] = np.maximum(top[:, changed].min(axis=0), _LOWEST)
+        chunks, queries = np.nonzero(maxima >= threshold)  # the chunks that may hold a top-k score
+        rows = (chunks[:, None] * _CHUNK + offsets).ravel()
+        queries = np.repeat(queries, _CHUNK)
+        values = tile[rows, queries]
+        passed = values >= threshold[queries]
+        kept.append((queries[passed], rows[passed] + start, values[passed]))
+    queries, cols, values = (np.concatenate(part) for part in zip(*kept, strict=True))
+    passed = values >= threshold[queries]  # the final threshold
+    queries, cols, values = queries[passed], cols[passed], values[passed]
+    order = np.lexsort((cols, -values, queries))
     starts = np.zeros(b, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=b)[:-1], out=starts[1:])
-    return cols[order[starts[:, None] + np.arange(k)]]
+    np.cumsum(np.bincount(queries, minlength=b)[:-1], out=starts[1:])
+    pick = order[starts[:, None] + np.arange(k)]
+    return cols[pick], values[pick]
 
 
 class VectorIndex:
@@ -287,6 +324,7 @@ class VectorIndex:
         self._labels = np.zeros(len(self._vecs), dtype=np.int64) if labels is None else labels
         self._row_of_label = np.full(graph.get_max_elements(), -1, dtype=np.int64)
         self._row_of_label[self._labels[: self._n]] = np.arange(self._n)
+        self._label_is_row = np.array_equal(self._labels[: self._n], np.arange(self._n))  # saves a lookup
 
     @property
     def ef(self) -> int:
@@ -326,10 +364,14 @@ class VectorIndex:
             raise ValueError(f"{what} must be numbers of shape (n, {self.dim}): {e}") from None
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{what} must have dimension {self.dim}, got shape {np.shape(vectors)}")
-        if not np.isfinite(x).all():
+        squares = float(np.vdot(x, x))  # one pass; not finite if any entry is not (or if it overflows)
+        if not math.isfinite(squares):
             bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-            raise ValueError(f"{what} contain NaN or inf (rows {bad[:5].tolist()})")
-        if self.metric == "cosine":
+            if len(bad):
+                raise ValueError(f"{what} contain NaN or inf (rows {bad[:5].tolist()})")
+        if self.metric == "cosine" and len(x) == 1 and 0 < squares < math.inf:
+            x /= math.sqrt(squares)  # one query: its norm is already known
+        elif self.metric == "cosine":
             norms = np.sqrt(np.einsum("ij,ij->i", x, x))
             if not norms.all():
                 raise ValueError(
@@ -474,6 +516,7 @@ class VectorIndex:
                 self._row_of_label[gone] = -1
                 self._labels[:m] = self._labels[: self._n][keep]
                 self._row_of_label[self._labels[:m]] = np.arange(m)
+                self._label_is_row = np.array_equal(self._labels[:m], np.arange(m))
             self._n = m
             self._matches.clear()
             self.version += 1
@@ -515,6 +558,7 @@ class VectorIndex:
             self._row_of_label = grown
         self._graph.add_items(x, labels)
         self._row_of_label[labels] = rows
+        self._label_is_row = self._label_is_row and np.array_equal(labels, rows)
         self._next_label = need
         return labels
 
@@ -549,18 +593,19 @@ class VectorIndex:
             rows, allowed = (None, None) if match is None else self._matching(key, match)
             count = self._n if rows is None else len(rows)
             if count == 0:
-                found, scores = np.zeros((len(q), 0), dtype=np.int64), np.zeros((len(q), 0))
+                found = scores = [[] for _ in q]
             elif self.backend == "exact" or (rows is not None and count < FILTER_EXACT_BELOW * self._n):
                 found, scores = self._exact(q, min(k, count), rows)
             else:
                 found, scores = self._approx(q, min(k, count), rows, allowed)
             ids, texts, meta, hit = self._ids, self._texts, self._meta, Hit._make
-            results = [
-                SearchResults(
-                    [hit((ids[r], s, texts[r], meta[r].copy())) for r, s in zip(rs, ss, strict=True)]
+            results = []
+            for rs, ss in zip(found, scores, strict=True):
+                results.append(
+                    SearchResults(
+                        [hit((ids[r], s, texts[r], meta[r].copy())) for r, s in zip(rs, ss, strict=True)]
+                    )
                 )
-                for rs, ss in zip(found.tolist(), scores.tolist(), strict=True)
-            ]
         return results[0] if single else results
 
     def _matching(
@@ -577,52 +622,50 @@ class VectorIndex:
             self._matches[key] = found
         return found
 
-    def _exact(self, q: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """Blocked matrix products + chunked top-k; returns (rows, scores) of shape (len(q), k)."""
+    def _exact(self, q: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[list, list]:
+        """`_exact_topk` over all rows or `rows`; returns (rows, scores): k of each per query, as lists."""
         full = rows is None or 3 * len(rows) > self._n  # broad filter: score all rows, block the others
         if full:
             vecs, sq = self._vecs[: self._n], self._sq[: self._n]
         else:
             vecs, sq = self._vecs[rows], self._sq[rows]
+        blocked = None
         if rows is not None and full:
             blocked = np.ones(self._n, dtype=bool)
             blocked[rows] = False
-        block = max(1, _BLOCK_CELLS // len(vecs))
+        sq = sq if self.metric == "l2" else None
+        block = min(1024, max(1, _TILE_CELLS // (2 * _CHUNK * k)))  # queries per call: tiles stay ~4 MB
         found = np.empty((len(q), k), dtype=np.int64)
         best = np.empty((len(q), k), dtype=np.float32)
-        buffer = np.empty((min(block, len(q)), len(vecs)), dtype=np.float32)  # one allocation for all blocks
         for start in range(0, len(q), block):
-            qb = q[start : start + block]
-            s = buffer[: len(qb)]
-            if len(qb) == 1:
-                np.matmul(vecs, qb[0], out=s[0])  # matrix-vector is faster for one
-            else:
-                np.matmul(qb, vecs.T, out=s)
-            if rows is not None and full:
-                s[:, blocked] = -np.inf
-            if self.metric == "l2":  # rank by 2 q.x - |x|^2, i.e. by -|q - x|^2 + |q|^2
-                s *= 2
-                s -= sq
-            top = _topk(s, k)
-            found[start : start + block] = top
-            best[start : start + block] = np.take_along_axis(s, top, axis=1)
+            found[start : start + block], best[start : start + block] = _exact_topk(
+                q[start : start + block], vecs, k, sq, blocked
+            )
         if self.metric == "l2":
             best = np.sqrt(np.maximum(np.einsum("ij,ij->i", q, q)[:, None] - best, 0))
-        return (found if full else rows[found]), best
+        return (found if full else rows[found]).tolist(), best.tolist()
 
     def _approx(
         self, q: np.ndarray, k: int, rows: np.ndarray | None, allowed: Callable[[int], bool] | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """hnswlib search (`allowed(label)` filters); exact over `rows` if hnswlib cannot find k."""
+    ) -> tuple[list, list]:
+        """hnswlib search (`allowed(label)` filters), as `_exact`; exact over `rows` if hnswlib cannot find k.
+
+        Few numpy calls: after a walk through a large graph each one costs several microseconds.
+        """
         try:
             labels, dist = self._graph.knn_query(q, k=k, filter=allowed, num_threads=1 if len(q) == 1 else -1)
         except RuntimeError:  # "Cannot return the results in a contiguous 2D array": too few reachable
             return self._exact(q, k, rows)
-        found = self._row_of_label[labels]
-        scores = np.sqrt(np.maximum(dist, 0)) if self.metric == "l2" else 1 - dist
-        if k > 1 and (scores[:, 1:] == scores[:, :-1]).any():  # equal scores: put them in insertion order
-            order = np.lexsort((found, scores if self.metric == "l2" else -scores), axis=-1)
-            found, scores = np.take_along_axis(found, order, 1), np.take_along_axis(scores, order, 1)
+        found = (labels if self._label_is_row else self._row_of_label[labels]).tolist()
+        if self.metric == "l2":
+            scores = [[math.sqrt(max(d, 0.0)) for d in ds] for ds in dist.tolist()]
+        else:
+            scores = [[1.0 - d for d in ds] for ds in dist.tolist()]
+        for i, ss in enumerate(scores):
+            if len(set(ss)) < len(ss):  # equal scores: put them in insertion order
+                sign = 1 if self.metric == "l2" else -1
+                pairs = sorted(zip(ss, found[i], strict=True), key=lambda p: (sign * p[0], p[1]))
+                scores[i], found[i] = [p[0] for p in pairs], [p[1] for p in pairs]
         return found, scores
 
     def recall(self, other: VectorIndex, queries: Any, k: int = 10) -> float:

@@ -65,7 +65,10 @@ def hnsw_cosine(data):
 # ---- exact search --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("k", [1, 7, 100])
-def test_exact_matches_brute_force_with_ties(metric, k):
+@pytest.mark.parametrize("tile_cells", [index_mod._TILE_CELLS, 1000])
+def test_exact_matches_brute_force_with_ties(metric, k, tile_cells, monkeypatch):
+    # 1,000 scores per tile: the database is read in many tiles of a few chunks (also for one query), the last short
+    monkeypatch.setattr(index_mod, "_TILE_CELLS", tile_cells)
     x, q = tie_vectors(3000, seed=0), tie_vectors(40, seed=1)
     index = VectorIndex(8, metric=metric)
     index.add(x[:1234], metadata=[{"odd": i % 2} for i in range(1234)])
