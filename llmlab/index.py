@@ -419,11 +419,13 @@ class VectorIndex:
             if not isinstance(m, dict) or not all(isinstance(k, str) for k in m):
                 raise ValueError(f"metadata[{i}] must be a dict with string keys, got {m!r:.200}")
             try:
-                json.dumps(m, allow_nan=False)
+                text = json.dumps(m, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metadata[{i}] must be JSON-serializable: {e}") from None
-            out.append(dict(m))
-        return out
+            out.append(text)
+        # A deep copy, as save + load would make it (the caller's nested lists stay the caller's); decoded in
+        # one pass so that each dict lies next to its values in memory, which makes search's copies cheaper.
+        return [json.loads(text) for text in out]
 
     def _check_queries(self, query_vectors: Any) -> tuple[np.ndarray, bool]:
         single = np.ndim(query_vectors) == 1
@@ -598,12 +600,17 @@ class VectorIndex:
                 found, scores = self._exact(q, min(k, count), rows)
             else:
                 found, scores = self._approx(q, min(k, count), rows, allowed)
-            ids, texts, meta, hit = self._ids, self._texts, self._meta, Hit._make
+            ids, texts, meta, new = (
+                self._ids,
+                self._texts,
+                self._meta,
+                tuple.__new__,
+            )  # no Python frame per hit
             results = []
             for rs, ss in zip(found, scores, strict=True):
                 results.append(
                     SearchResults(
-                        [hit((ids[r], s, texts[r], meta[r].copy())) for r, s in zip(rs, ss, strict=True)]
+                        [new(Hit, (ids[r], s, texts[r], meta[r].copy())) for r, s in zip(rs, ss, strict=True)]
                     )
                 )
         return results[0] if single else results

@@ -244,6 +244,17 @@ def test_upsert_delete_get(backend):
     assert [r.id for r in index.get(["2", "5"])] == ["2", "5"]
 
 
+def test_metadata_is_a_deep_copy_of_the_callers():
+    tags = ["a"]
+    index = VectorIndex(2)
+    index.add([[1, 0]], ids=["x"], metadata=[{"tags": tags}])
+    tags.append("b")  # the caller's list changes after the add: the index keeps what was added
+    assert index.get("x").metadata == {"tags": ["a"]}
+    hit = index.search([1, 0], k=1)[0]
+    hit.metadata["tags"] = "changed"  # a hit's metadata is a copy too
+    assert index.search([1, 0], k=1)[0].metadata == {"tags": ["a"]}
+
+
 def test_cosine_stores_unit_vectors():
     index = VectorIndex(2)
     index.add([[3, 4]], ids=["a"])
