@@ -631,7 +631,10 @@ class VectorIndex:
 
     def _exact(self, q: np.ndarray, k: int, rows: np.ndarray | None) -> tuple[list, list]:
         """`_exact_topk` over all rows or `rows`; returns (rows, scores): k of each per query, as lists."""
-        full = rows is None or 3 * len(rows) > self._n  # broad filter: score all rows, block the others
+        # A broad filter scores all rows and blocks the others; a narrow one copies the matching rows first. For
+        # one query, copying a fifth of the rows costs as much as scoring all (at 100k x 384: 133 vs 137 queries/s);
+        # a batch shares the copy.
+        full = rows is None or len(rows) * (5 if len(q) == 1 else 3) > self._n
         if full:
             vecs, sq = self._vecs[: self._n], self._sq[: self._n]
         else:
