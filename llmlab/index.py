@@ -50,13 +50,33 @@ class IndexFormatError(ValueError):
     """A save directory that is missing, corrupted, foreign, or does not match what was asked for."""
 
 
+class Metadata(dict):
+    """An item's metadata as the index keeps it and hits show it: a dict that cannot be changed, so that every
+    hit can share the index's own (``dict(hit.metadata)`` is a copy to change).
+
+    >>> Metadata({"source": "a.md"})["page"] = 2
+    Traceback (most recent call last):
+    TypeError: metadata in an index is read-only: change a copy, dict(metadata), and upsert it
+    """
+
+    __slots__ = ()
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("metadata in an index is read-only: change a copy, dict(metadata), and upsert it")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
+
+    def __reduce__(self) -> tuple:  # copy and pickle without calling __setitem__
+        return Metadata, (dict(self),)
+
+
 class Hit(NamedTuple):
-    """One search result."""
+    """One search result; `metadata` is read-only."""
 
     id: str
     score: float
     text: str | None
-    metadata: dict
+    metadata: Metadata
 
 
 class Record(NamedTuple):
@@ -407,9 +427,9 @@ class VectorIndex:
         return texts
 
     @staticmethod
-    def _check_metadata(metadata: Any, n: int) -> list[dict]:
+    def _check_metadata(metadata: Any, n: int) -> list[Metadata]:
         if metadata is None:
-            return [{} for _ in range(n)]
+            return [Metadata() for _ in range(n)]
         metadata = [metadata] if isinstance(metadata, dict) else list(metadata)
         if len(metadata) != n:
             raise ValueError(f"got {len(metadata)} metadata dicts for {n} vectors")
@@ -423,9 +443,8 @@ class VectorIndex:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metadata[{i}] must be JSON-serializable: {e}") from None
             out.append(text)
-        # A deep copy, as save + load would make it (the caller's nested lists stay the caller's); decoded in
-        # one pass so that each dict lies next to its values in memory, which makes search's copies cheaper.
-        return [json.loads(text) for text in out]
+        # A deep copy, as save + load would make it: the caller's nested lists stay the caller's.
+        return [Metadata(json.loads(text)) for text in out]
 
     def _check_queries(self, query_vectors: Any) -> tuple[np.ndarray, bool]:
         single = np.ndim(query_vectors) == 1
@@ -610,7 +629,7 @@ class VectorIndex:
             for rs, ss in zip(found, scores, strict=True):
                 results.append(
                     SearchResults(
-                        [new(Hit, (ids[r], s, texts[r], meta[r].copy())) for r, s in zip(rs, ss, strict=True)]
+                        [new(Hit, (ids[r], s, texts[r], meta[r])) for r, s in zip(rs, ss, strict=True)]
                     )
                 )
         return results[0] if single else results
@@ -772,11 +791,15 @@ class VectorIndex:
             raise IndexFormatError(
                 f"{path}/vectors.npy is corrupted: expected finite float32 ({n}, {index.dim}), got {vecs.dtype} {vecs.shape}"
             )
-        if not (len(ids) == len(texts) == len(metas) == n) or len(set(ids)) != n:
+        if (
+            not (len(ids) == len(texts) == len(metas) == n)
+            or len(set(ids)) != n
+            or not all(isinstance(m, dict) for m in metas)
+        ):
             raise IndexFormatError(f"{path}/records.json is corrupted: it does not hold {n} distinct records")
         index._vecs, index._n = np.ascontiguousarray(vecs), n
         index._sq = np.einsum("ij,ij->i", vecs, vecs).astype(np.float32)
-        index._ids, index._texts, index._meta = list(ids), list(texts), list(metas)
+        index._ids, index._texts, index._meta = list(ids), list(texts), [Metadata(m) for m in metas]
         index._row = {i: r for r, i in enumerate(ids)}
         index._auto = int(manifest.get("next_auto_id", 0))
         if index.backend == "hnsw":

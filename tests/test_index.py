@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 import re
 import shutil
 import threading
@@ -251,8 +253,15 @@ def test_metadata_is_a_deep_copy_of_the_callers():
     tags.append("b")  # the caller's list changes after the add: the index keeps what was added
     assert index.get("x").metadata == {"tags": ["a"]}
     hit = index.search([1, 0], k=1)[0]
-    hit.metadata["tags"] = "changed"  # a hit's metadata is a copy too
-    assert index.search([1, 0], k=1)[0].metadata == {"tags": ["a"]}
+    with pytest.raises(TypeError, match=r"read-only: change a copy, dict\(metadata\)"):
+        hit.metadata["tags"] = "changed"  # hits share the index's copy, which cannot be changed
+    with pytest.raises(TypeError, match="read-only"):
+        hit.metadata.update(tags=[])
+    changed = dict(hit.metadata) | {"tags": ["c"]}  # ... but it is a dict to read, copy, pickle and dump
+    assert json.loads(json.dumps(hit.metadata)) == {"tags": ["a"]} and changed == {"tags": ["c"]}
+    assert pickle.loads(pickle.dumps(hit)) == hit and copy.deepcopy(hit.metadata) == {"tags": ["a"]}
+    index.upsert([[1, 0]], ids=["x"], metadata=[changed])
+    assert index.search([1, 0], k=1)[0].metadata == {"tags": ["c"]} and hit.metadata == {"tags": ["a"]}
 
 
 def test_cosine_stores_unit_vectors():
@@ -412,6 +421,10 @@ def corrupt(path, name):
         np.save(path / "vectors.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     elif name == "records":
         (path / "records.json").write_text(json.dumps({"ids": ["a"], "texts": [None], "metadata": [{}]}))
+    elif name == "metadata not dicts":
+        records = json.loads((path / "records.json").read_text())
+        records["metadata"][0] = ["not", "a", "dict"]
+        (path / "records.json").write_text(json.dumps(records))
     elif name == "missing graph":
         (path / "hnsw.bin").unlink()
 
@@ -426,6 +439,7 @@ def corrupt(path, name):
         "truncated vectors",
         "pickled vectors",
         "records",
+        "metadata not dicts",
         "missing graph",
     ],
 )
