@@ -245,26 +245,20 @@ def _exact_topk(
            [1, 0]])
     """
     b, n = len(q), len(vecs)
-    w = -(-max(_TILE_CELLS // b, 2 * _CHUNK * k) // _CHUNK) * _CHUNK  # a multiple of _CHUNK, >= 2k chunks
-    w = min(w, -(-n // _CHUNK) * _CHUNK)
-    tile = np.empty((w, b), dtype=np.float32)
     qt = np.ascontiguousarray(q.T)
+    if n <= 8 * _CHUNK * k:  # small: score all and sort stably
+        s = _score_tile(q, qt, vecs, sq, blocked, 0, np.empty((n, b), dtype=np.float32))
+        top = np.argsort(-s, axis=0, kind="stable")[:k]
+        return top.T, np.take_along_axis(s, top, axis=0).T
+    w = -(-max(_TILE_CELLS // b, 2 * _CHUNK * k) // _CHUNK) * _CHUNK  # a multiple of _CHUNK, >= 2k chunks
+    tile = np.empty((min(w, -(-n // _CHUNK) * _CHUNK), b), dtype=np.float32)
     top = np.full((k, b), -np.inf, dtype=np.float32)  # the k largest chunk maxima so far, per query
     threshold = np.full(b, _LOWEST, dtype=np.float32)  # the smallest of those: blocked scores never pass
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     offsets = np.arange(_CHUNK)
     for start in range(0, n, w):
         m = min(w, n - start)
-        s = tile[:m]
-        if b == 1:
-            np.matmul(vecs[start : start + m], q[0], out=s[:, 0])  # matrix-vector is faster for one
-        else:
-            np.matmul(vecs[start : start + m], qt, out=s)
-        if sq is not None:  # rank by 2 q.x - |x|^2, i.e. by -|q - x|^2 + |q|^2
-            s *= 2
-            s -= sq[start : start + m, None]
-        if blocked is not None:
-            s[blocked[start : start + m]] = -np.inf
+        _score_tile(q, qt, vecs, sq, blocked, start, tile[:m])
         c = -(-m // _CHUNK)
         tile[m : c * _CHUNK] = -np.inf  # pad the last chunk
         maxima = tile[: c * _CHUNK].reshape(c, _CHUNK, b).max(axis=1)  # (c, b)
@@ -285,6 +279,29 @@ def _exact_topk(
     np.cumsum(np.bincount(queries, minlength=b)[:-1], out=starts[1:])
     pick = order[starts[:, None] + np.arange(k)]
     return cols[pick], values[pick]
+
+
+def _score_tile(
+    q: np.ndarray,
+    qt: np.ndarray,
+    vecs: np.ndarray,
+    sq: np.ndarray | None,
+    blocked: np.ndarray | None,
+    start: int,
+    out: np.ndarray,
+) -> np.ndarray:
+    """Scores (m, b) of database rows start..start+m against the queries (``qt`` is ``q.T``), into `out`."""
+    stop = start + len(out)
+    if len(q) == 1:
+        np.matmul(vecs[start:stop], q[0], out=out[:, 0])  # matrix-vector is faster for one
+    else:
+        np.matmul(vecs[start:stop], qt, out=out)
+    if sq is not None:  # rank by 2 q.x - |x|^2, i.e. by -|q - x|^2 + |q|^2
+        out *= 2
+        out -= sq[start:stop, None]
+    if blocked is not None:
+        out[blocked[start:stop]] = -np.inf
+    return out
 
 
 class VectorIndex:
