@@ -36,8 +36,8 @@ FORMAT = "llmlab.VectorIndex"
 FORMAT_VERSION = 1
 # With a `where` filter, the hnsw backend searches the matching rows exactly when they are fewer than this
 # fraction of the index: hnswlib's Python filter callback slows down as matches get rarer, while exact search
-# over few rows is fast. At 100k x 384 (bench/results/index.json): callback 13 q/s at 0.1% allowed, 217 at
-# 10%, 476 at 20%; exact over the matching rows 19,000 q/s at 0.1%, 347 at 10%, 173 at 20%.
+# over few rows is fast. At 100k x 384 (bench/results/index.json): callback 12 q/s at 0.1% allowed, 222 at
+# 10%, 512 at 20%; exact over the matching rows 14,000 q/s at 0.1%, 265 at 10%, 117 at 20%.
 FILTER_EXACT_BELOW = 0.15
 
 _CHUNK = 32  # exact top-k: database rows per chunk whose maxima bound the k-th best score
@@ -636,12 +636,8 @@ class VectorIndex:
                 found, scores = self._exact(q, min(k, count), rows)
             else:
                 found, scores = self._approx(q, min(k, count), rows, allowed)
-            ids, texts, meta, new = (
-                self._ids,
-                self._texts,
-                self._meta,
-                tuple.__new__,
-            )  # no Python frame per hit
+            ids, texts, meta = self._ids, self._texts, self._meta
+            new = tuple.__new__  # Hit without a Python frame per hit (namedtuple's own __new__ is Python)
             results = []
             for rs, ss in zip(found, scores, strict=True):
                 results.append(
