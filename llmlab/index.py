@@ -255,7 +255,7 @@ def _exact_topk(
     top = np.full((k, b), -np.inf, dtype=np.float32)  # the k largest chunk maxima so far, per query
     threshold = np.full(b, _LOWEST, dtype=np.float32)  # the smallest of those: blocked scores never pass
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    offsets = np.arange(_CHUNK)
+    flat_tile, strides = tile.reshape(-1), np.arange(_CHUNK) * b  # a chunk's scores for one query, flat
     for start in range(0, n, w):
         m = min(w, n - start)
         _score_tile(q, qt, vecs, sq, blocked, start, tile[:m])
@@ -266,11 +266,9 @@ def _exact_topk(
         top[:, changed] = np.partition(np.concatenate([top[:, changed], maxima[:, changed]]), c, axis=0)[c:]
         threshold[changed] = np.maximum(top[:, changed].min(axis=0), _LOWEST)
         chunks, queries = np.nonzero(maxima >= threshold)  # the chunks that may hold a top-k score
-        rows = (chunks[:, None] * _CHUNK + offsets).ravel()
-        queries = np.repeat(queries, _CHUNK)
-        values = tile[rows, queries]
-        passed = values >= threshold[queries]
-        kept.append((queries[passed], rows[passed] + start, values[passed]))
+        values = flat_tile[(chunks * (_CHUNK * b) + queries)[:, None] + strides]  # (chunks, _CHUNK) scores
+        hot, offset = np.nonzero(values >= threshold[queries, None])
+        kept.append((queries[hot], start + chunks[hot] * _CHUNK + offset, values[hot, offset]))
     queries, cols, values = (np.concatenate(part) for part in zip(*kept, strict=True))
     passed = values >= threshold[queries]  # the final threshold
     queries, cols, values = queries[passed], cols[passed], values[passed]
