@@ -457,9 +457,8 @@ class VectorIndex:
                 text = json.dumps(m, allow_nan=False)
             except (TypeError, ValueError) as e:
                 raise ValueError(f"metadata[{i}] must be JSON-serializable: {e}") from None
-            out.append(text)
-        # A deep copy, as save + load would make it: the caller's nested lists stay the caller's.
-        return [Metadata(json.loads(text)) for text in out]
+            out.append(Metadata(json.loads(text)))  # a deep copy, as save + load would make it
+        return out
 
     def _check_queries(self, query_vectors: Any) -> tuple[np.ndarray, bool]:
         single = np.ndim(query_vectors) == 1
@@ -701,9 +700,9 @@ class VectorIndex:
             scores = [[math.sqrt(max(d, 0.0)) for d in ds] for ds in dist.tolist()]
         else:
             scores = [[1.0 - d for d in ds] for ds in dist.tolist()]
+        sign = 1 if self.metric == "l2" else -1  # best first
         for i, ss in enumerate(scores):
             if len(set(ss)) < len(ss):  # equal scores: put them in insertion order
-                sign = 1 if self.metric == "l2" else -1
                 pairs = sorted(zip(ss, found[i], strict=True), key=lambda p: (sign * p[0], p[1]))
                 scores[i], found[i] = [p[0] for p in pairs], [p[1] for p in pairs]
         return found, scores
