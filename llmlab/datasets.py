@@ -87,8 +87,12 @@ def _parse_line(raw: bytes, line: int) -> tuple[dict | None, Problem | None]:
     try:
         example = jsontext.loads(text)
     except jsontext.JSONTextError as e:
-        fix = "Fix the quoting/commas here." if e.column else "Simplify or remove this line."
-        return None, Problem(line, "invalid_json", f"Invalid JSON: {e}. {fix}")
+        message = (
+            f"Invalid JSON at column {e.column}: {e.reason}. Fix the quoting/commas here."
+            if e.column
+            else f"Unreadable JSON: {e.reason}. Simplify or remove this line."
+        )
+        return None, Problem(line, "invalid_json", message)
     if not isinstance(example, dict):
         kind = type(example).__name__
         return None, Problem(

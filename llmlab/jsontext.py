@@ -20,11 +20,11 @@ __all__ = ["JSONTextError", "loads"]
 
 
 class JSONTextError(ValueError):
-    """Text that is not JSON Python can read; `column` is the 1-based column of a syntax error, else None."""
+    """Text that is not JSON Python can read: `reason`, and `column` (1-based) for a syntax error, else None."""
 
-    def __init__(self, message: str, column: int | None = None) -> None:
-        super().__init__(message)
-        self.column = column
+    def __init__(self, reason: str, column: int | None = None) -> None:
+        super().__init__(reason if column is None else f"{reason} at column {column}")
+        self.reason, self.column = reason, column
 
 
 def loads(text: str) -> Any:
@@ -32,7 +32,7 @@ def loads(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise JSONTextError(f"{e.msg} at column {e.colno}", e.colno) from None
+        raise JSONTextError(e.msg, e.colno) from None
     except RecursionError:
         raise JSONTextError("nested too deeply to read (more than ~1,000 levels of [ or {)") from None
     except ValueError:  # an integer of more than sys.get_int_max_str_digits() digits
