@@ -1,6 +1,6 @@
 """Crash a fresh Python at the worst moment of a save: SIGKILL just before its n-th `os.replace`.
 
->>> killed_at_replace("from llmlab.paths import atomic_write_text; atomic_write_text('/tmp/x', 'hi')", 1)
+>>> killed_at_replace("from llmlab.paths import atomic_write_text; atomic_write_text('/tmp/x', 'hi')", 1)  # doctest: +SKIP
 """
 
 import signal
