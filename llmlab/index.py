@@ -124,15 +124,23 @@ class SearchResults(list):
 
     def to_dataframe(self):
         """One row per hit: id, score, text, then one column per metadata key."""
-        import pandas as pd
+        return _frame(
+            ["id", "score", "text"], [(h.id, h.score, h.text) for h in self], [h.metadata for h in self]
+        )
 
-        rows = []
-        for hit in self:
-            row = {"id": hit.id, "score": hit.score, "text": hit.text}
-            for key, value in hit.metadata.items():
-                row[f"metadata.{key}" if key in ("id", "score", "text") else key] = value
-            rows.append(row)
-        return pd.DataFrame(rows, columns=None if rows else ["id", "score", "text"])
+
+def _frame(columns: list[str], values: Sequence[tuple], metas: Sequence[dict]):
+    """A DataFrame: `columns` filled from `values`, then one column per metadata key (``metadata.<key>`` when
+    the key is one of `columns`); a row without a key has NaN there."""
+    import pandas as pd
+
+    rows = []
+    for row_values, meta in zip(values, metas, strict=True):
+        row = dict(zip(columns, row_values, strict=True))
+        for key, value in meta.items():
+            row[f"metadata.{key}" if key in columns else key] = value
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else columns)
 
 
 class _RWLock:
@@ -640,6 +648,38 @@ class VectorIndex:
                 for i, r in ((i, self._row[i]) for i in wanted)
             ]
         return out[0] if one else out
+
+    def records(self) -> list[Record]:
+        """Every item in insertion order, as `get` returns them: a snapshot taken at once (the vectors are rows
+        of one copy of the index's vectors; the metadata dicts are copies).
+
+        >>> index = VectorIndex(2)
+        >>> index.add([[3, 4]], ids=["a"], texts=["A"], metadata=[{"page": 1}])
+        ['a']
+        >>> index.records()
+        [Record(id='a', vector=array([0.6, 0.8], dtype=float32), text='A', metadata={'page': 1})]
+        """
+        with self._lock.read():
+            vecs = self._vecs[: self._n].copy()
+            return [
+                Record(i, v, t, dict(m))
+                for i, v, t, m in zip(self._ids, vecs, self._texts, self._meta, strict=True)
+            ]
+
+    def to_dataframe(self):
+        """One row per item in insertion order: id, text, one column per metadata key, then the vector.
+
+        >>> index = VectorIndex(2)
+        >>> index.add([[1, 0], [0, 1]], texts=["x", "y"], metadata=[{"axis": "x"}, {}])
+        ['0', '1']
+        >>> index.to_dataframe()[["id", "text", "axis"]].values.tolist()
+        [['0', 'x', 'x'], ['1', 'y', nan]]
+        """
+        records = self.records()
+        values = [(r.id, r.text, r.vector) for r in records]
+        frame = _frame(["id", "text", "vector"], values, [r.metadata for r in records])
+        frame["vector"] = frame.pop("vector")  # last: the widest column
+        return frame
 
     def search(
         self, query_vectors: Any, k: int = 3, where: dict | None = None
