@@ -15,8 +15,10 @@ and the time each step took.
 from __future__ import annotations
 
 import html
+import json
 import os
 import re
+import shutil
 import time
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
@@ -24,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmlab import jsontext
 from llmlab.embed import embed
-from llmlab.index import SearchResults, VectorIndex
+from llmlab.index import IndexFormatError, SearchResults, VectorIndex
+from llmlab.paths import atomic_write_text, remove_orphans, temp_names
 from llmlab.tokens import count_tokens, encoding_for
 
 TOKEN_MODEL = "text-embedding-3-small"  # chunk sizes are counted in this model's tokens (cl100k_base)
@@ -34,6 +38,9 @@ DOCUMENT_SUFFIXES = (".md", ".txt")
 # questions SmolLM2-135M answered 3 right this way and 1 with everything in one user message (which also made
 # it answer "1" when asked to cite sources by number).
 PROMPT_INTRO = "Using the following context, answer the user's question."
+KB_FORMAT, KB_FORMAT_VERSION = "llmlab.KnowledgeBase", 1
+KB_MANIFEST = "knowledge_base.json"
+_INDEX_FOLDERS = ("index-a", "index-b")  # a save writes the one the manifest does not name, then switches
 _TITLE = re.compile(r"^#\s+(.+?)\s*#*\s*$", re.MULTILINE)
 _PARAGRAPH, _SENTENCE, _WORD = 3, 2, 1
 
@@ -370,6 +377,114 @@ class KnowledgeBase:
             usage=response.usage,
             timings={"embed": t1 - t0, "search": t2 - t1, "generate": t3 - t2},
         )
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the knowledge base to folder `path`: its chunks and index, the embedding model's name, the
+        chunking settings and a format version; a knowledge base saved there before is replaced.
+
+        Killed at any moment, it leaves the old knowledge base or the new one: the index is saved (with
+        `VectorIndex.save`) into the one of two folders that the manifest does not name, then the manifest is
+        replaced in one step to name it, then the other folder is deleted (with what killed saves left).
+
+        >>> kb.save("handbook-kb")                                      # doctest: +SKIP
+        PosixPath('handbook-kb')
+        """
+        path = Path(path)
+        manifest_path = path / KB_MANIFEST
+        if path.exists() and not manifest_path.is_file() and (not path.is_dir() or any(path.iterdir())):
+            raise IndexFormatError(
+                f"{path} exists and is not a saved KnowledgeBase: refusing to overwrite it"
+            )
+        folder = None
+        if self.index is not None:
+            folder = _INDEX_FOLDERS[1] if _saved_folder(path) == _INDEX_FOLDERS[0] else _INDEX_FOLDERS[0]
+            self.index.save(path / folder)
+        manifest = {
+            "format": KB_FORMAT,
+            "version": KB_FORMAT_VERSION,
+            "embedding_model": self.embedding_model,
+            "chunking": {"max_tokens": self.max_tokens, "overlap": self.overlap},
+            "documents": self._chunk_ids,
+            "texts_added": self._texts,
+            "index": folder,
+        }
+        atomic_write_text(manifest_path, json.dumps(manifest, indent=2, ensure_ascii=False))
+        for other in _INDEX_FOLDERS:
+            if other != folder:
+                shutil.rmtree(path / other, ignore_errors=True)
+        remove_orphans(path, temp_names(KB_MANIFEST))  # the manifest's temp files that killed saves left
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, lab: Any, *, embedding_model: str | None = None) -> KnowledgeBase:
+        """Read a folder written by `save`, to search and answer through `lab`.
+
+        The questions must be embedded by the model that embedded the chunks: when `embedding_model` (default
+        `lab.embedding_model`) is another one, loading is refused. So is a folder saved in another format version.
+
+        >>> kb = KnowledgeBase.load("handbook-kb", lab)                 # doctest: +SKIP
+        """
+        path = Path(path)
+        manifest = _read_manifest(path)
+        saved, using = manifest.get("embedding_model"), embedding_model or lab.embedding_model
+        if saved != using:
+            raise ValueError(
+                f"{path} was embedded with {saved!r}, and this lab embeds questions with {using!r}: their vectors "
+                f"live in different spaces, so search would return noise. Connect to a backend that serves "
+                f"{saved!r} (or pass embedding_model={saved!r}), or build the knowledge base again with "
+                "add_documents() through this lab."
+            )
+        chunking, documents = manifest.get("chunking"), manifest.get("documents")
+        folder, texts = manifest.get("index"), manifest.get("texts_added")
+        if not (
+            isinstance(chunking, dict)
+            and type(chunking.get("max_tokens")) is int
+            and type(chunking.get("overlap")) is int
+            and isinstance(documents, dict)
+            and all(type(v) is list and all(type(i) is str for i in v) for v in documents.values())
+            and (folder is None or folder in _INDEX_FOLDERS)
+            and type(texts) is int
+        ):
+            raise IndexFormatError(
+                f"{path}/{KB_MANIFEST} is corrupted: a field is missing or of the wrong type"
+            )
+        kb = cls(lab, max_tokens=chunking["max_tokens"], overlap=chunking["overlap"], embedding_model=saved)
+        kb.index = None if folder is None else VectorIndex.load(path / folder)
+        chunk_ids = sorted(i for v in documents.values() for i in v)
+        if chunk_ids != sorted([] if kb.index is None else kb.index.ids):
+            raise IndexFormatError(
+                f"{path} is corrupted: the chunks in {KB_MANIFEST} are not those of its index"
+            )
+        kb._chunk_ids, kb._texts = documents, texts
+        return kb
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of a saved knowledge base, checked for its format and version."""
+    try:
+        manifest = jsontext.loads((path / KB_MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexFormatError(f"no saved KnowledgeBase at {path}: it has no {KB_MANIFEST}") from None
+    except (OSError, ValueError) as e:
+        raise IndexFormatError(f"{path}/{KB_MANIFEST} is corrupted: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != KB_FORMAT:
+        raise IndexFormatError(f"{path} is not a saved KnowledgeBase (its format is not {KB_FORMAT!r})")
+    if manifest.get("version") != KB_FORMAT_VERSION:
+        raise IndexFormatError(
+            f"{path} holds a knowledge base saved in format version {manifest.get('version')!r}; this llmlab "
+            f"reads version {KB_FORMAT_VERSION}: build it again from its documents with add_documents() and save it"
+        )
+    return manifest
+
+
+def _saved_folder(path: Path) -> str | None:
+    """The index folder that the manifest in `path` names (None if it names none, or cannot be read)."""
+    try:
+        folder = jsontext.loads((path / KB_MANIFEST).read_text(encoding="utf-8")).get("index")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder if folder in _INDEX_FOLDERS else None
 
 
 __all__ = ["Answer", "KnowledgeBase", "build_prompt", "chunk", "chunk_spans", "document_title"]
