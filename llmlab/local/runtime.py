@@ -183,13 +183,27 @@ def _quiet_loading() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def build_weight_cache(home: str | os.PathLike | None = None) -> Path:
+    """The chat model's weight-cache folder under `home` (default `llmlab_home()`), built first if missing,
+    with one progress bar of ours (`make setup` builds it through `llmlab doctor --build-cache`).
+
+    >>> build_weight_cache().name  # doctest: +SKIP
+    'SmolLM2-135M-Instruct'
+    """
+    from llmlab.progress import weight_cache_progress
+
+    cache = (Path(home) if home is not None else llmlab_home()) / "weights" / CHAT_MODEL_ID
+    if not (cache / "model.safetensors").exists():
+        with weight_cache_progress():
+            _build_cache(cache)
+    return cache
+
+
 def load_chat_model(home: Path) -> tuple[Any, Any]:
     """(model, tokenizer) of SmolLM2 from the weight cache, building the cache first if needed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = Path(home) / "weights" / CHAT_MODEL_ID
-    if not (cache / "model.safetensors").exists():
-        _build_cache(cache)
+    cache = build_weight_cache(home)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     with _quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
