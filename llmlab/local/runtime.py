@@ -553,4 +553,6 @@ class EmbeddingRuntime:
         """Input tokens as the model sees them (without the [CLS]/[SEP] markers, before truncation)."""
         texts = [texts] if isinstance(texts, str) else texts
         tokenizer = self.model.tokenizer
-        return sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+        # verbose=False: counting a text longer than the model's 256 tokens is the point, not worth a warning
+        encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)
+        return sum(len(ids) for ids in encoded["input_ids"])
