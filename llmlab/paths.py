@@ -12,10 +12,24 @@ import os
 import re
 import shutil
 import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
+
+
+def _data_dir() -> Path:
+    """The kit's data: `llmlab/_data` in an installed wheel, else `data/` of the source tree (a checkout or an
+    editable install, where the folder stays at the top of the repository).
+
+    >>> (_data_dir() / "employees.csv").is_file()
+    True
+    """
+    packaged = files("llmlab") / "_data"
+    return Path(str(packaged)) if packaged.is_dir() else REPO_ROOT / "data"
+
+
+DATA_DIR = _data_dir()
 
 
 def read_data_jsonl(name: str) -> list[dict]:
