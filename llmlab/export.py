@@ -7,8 +7,9 @@ True
 
 The collection holds our vectors (for ``metric="cosine"``, the unit-length copies the index keeps), ids, texts
 as Chroma's documents and metadata; Chroma never embeds anything: the collection has no embedding function, so
-a query by text (``query_texts=``) fails instead of downloading Chroma's default model. Chroma is an optional
-dependency: ``pip install chromadb``.
+a query by text (``query_texts=``) fails instead of downloading Chroma's default model. Open it again with
+`open_chroma` (Chroma's own ``get_collection(name)`` attaches its default embedding function, which downloads
+a model at the first text query). Chroma is an optional dependency: ``pip install chromadb``.
 
 **Similarity (ours) vs distance (Chroma's).** Our hits carry a score; Chroma's `query` returns distances,
 always lower-is-better. The metric maps to Chroma's space of the same name:
@@ -152,6 +153,22 @@ def chroma_where(where: dict) -> dict:
     return convert(where)
 
 
+def _client(client_or_path: Any) -> Any:
+    """A Chroma client as given, or Chroma's embedded `PersistentClient` on a folder."""
+    if isinstance(client_or_path, (str, os.PathLike)):
+        return _chromadb().PersistentClient(path=os.fspath(client_or_path))
+    return client_or_path
+
+
+def open_chroma(client_or_path: Any, name: str) -> Any:
+    """The Chroma collection `name` with no embedding function: queries take vectors, and nothing is downloaded.
+
+    >>> open_chroma("chroma-db", "handbook").count()                    # doctest: +SKIP
+    33
+    """
+    return _client(client_or_path).get_collection(name, embedding_function=None)
+
+
 def to_chroma(
     index: VectorIndex,
     client_or_path: Any,
@@ -166,7 +183,8 @@ def to_chroma(
     `client_or_path`: a Chroma client, or a folder for Chroma's embedded `PersistentClient`. The space is our
     metric's (`SPACES`); an hnsw index also passes its M, ef_construction and ef; `hnsw` adds Chroma hnsw
     settings (e.g. ``{"ef_search": 200}``). An existing collection `name` is an error unless ``replace=True``;
-    then the new one is filled under a temporary name first, so a failed export leaves the old one as it was.
+    then the new one is filled under a temporary name first, so a failed export leaves the old one as it was (a
+    kill between deleting the old one and renaming the new one leaves the new one under its temporary name).
     An empty index, and metadata Chroma cannot store (see `chroma_metadata`), are errors before any write.
     """
     if not isinstance(index, VectorIndex):
@@ -185,12 +203,7 @@ def to_chroma(
         config.update(max_neighbors=p["M"], ef_construction=p["ef_construction"], ef_search=p["ef"])
     config.update(hnsw or {})
 
-    chromadb = _chromadb()
-    client = (
-        chromadb.PersistentClient(path=os.fspath(client_or_path))
-        if isinstance(client_or_path, (str, os.PathLike))
-        else client_or_path
-    )
+    client = _client(client_or_path)
     exists = name in {c.name for c in client.list_collections()}
     if exists and not replace:
         raise ValueError(f"Chroma already has a collection {name!r}: pass replace=True to replace it")
@@ -247,4 +260,12 @@ def chroma_search(
     return results[0] if single else results
 
 
-__all__ = ["SCORE_FROM_DISTANCE", "SPACES", "chroma_metadata", "chroma_search", "chroma_where", "to_chroma"]
+__all__ = [
+    "SCORE_FROM_DISTANCE",
+    "SPACES",
+    "chroma_metadata",
+    "chroma_search",
+    "chroma_where",
+    "open_chroma",
+    "to_chroma",
+]

@@ -15,7 +15,7 @@ import pytest
 from crashes import killed_at_replace
 
 from llmlab.embed import embed
-from llmlab.export import chroma_metadata, chroma_search, chroma_where, to_chroma
+from llmlab.export import chroma_metadata, chroma_search, chroma_where, open_chroma, to_chroma
 from llmlab.index import IndexFormatError, VectorIndex
 from llmlab.paths import DATA_DIR, read_data_jsonl
 from llmlab.rag import KB_MANIFEST, KnowledgeBase
@@ -48,8 +48,13 @@ def queries(lab) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def exported(handbook, tmp_path_factory):
-    return to_chroma(handbook.index, tmp_path_factory.mktemp("chroma"), "handbook")
+def chroma_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("chroma")
+
+
+@pytest.fixture(scope="module")
+def exported(handbook, chroma_dir):
+    return to_chroma(handbook.index, chroma_dir, "handbook")
 
 
 def small_index(metadata: list[dict]) -> VectorIndex:
@@ -139,10 +144,15 @@ def test_our_where_filters_give_the_same_ids_in_chroma(handbook, exported, queri
     ]
 
 
-def test_chroma_never_embeds(exported):
+def test_chroma_never_embeds(exported, chroma_dir):
     assert exported.configuration.get("embedding_function") is None
-    with pytest.raises(ValueError, match="embedding function"):
-        exported.query(query_texts=["How many days of leave do I get?"], n_results=1)
+    reopened = open_chroma(
+        chroma_dir, "handbook"
+    )  # Chroma's own get_collection() would download a model here
+    for collection in (exported, reopened):
+        with pytest.raises(ValueError, match="embedding function"):
+            collection.query(query_texts=["How many days of leave do I get?"], n_results=1)
+    assert reopened.count() == exported.count()
 
 
 def test_where_in_chroma_syntax():
