@@ -11,6 +11,7 @@ Status: validating_files -> queued -> running -> succeeded | failed | cancelled.
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import math
@@ -347,7 +348,9 @@ class JobRunner:
             on_epoch=on_epoch,
             should_stop=lambda: job_id in self._cancelled,
         )
-        results_file = self.store.add_file(_metrics_csv(steps), "step_metrics.csv", "fine-tune-results")
+        # base64 text, as OpenAI serves a job's result file (clients call base64.b64decode on it)
+        csv_b64 = base64.b64encode(_metrics_csv(steps))
+        results_file = self.store.add_file(csv_b64, "step_metrics.csv", "fine-tune-results")
         changes = {"trained_tokens": result.trained_tokens, "result_files": [results_file["id"]]}
         if result.cancelled or job_id in self._cancelled:
             self.store.update_job(job_id, **changes)

@@ -38,7 +38,7 @@ from llmlab.local.store import Store, new_id, paginate, public
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, resolve_alias
 from llmlab.paths import llmlab_home
 
-DEFAULT_MAX_TOKENS = 512  # when a request sets no limit: enough for an answer, bounded on a slow CPU
+EMBEDDING_INPUT_LIMIT = 8191  # OpenAI's limit per embeddings input, in its own tokens (cl100k_base)
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _CREATED = 1730000000  # a fixed "created" time for the bundled models
@@ -231,11 +231,26 @@ def _generation_options(body: dict, runtime: Any) -> dict:
         "top_p": _number(body, "top_p", 0, 1, 1.0),
         "seed": _number(body, "seed", -(2**63), 2**63 - 1, None, integer=True),
         "stop": stop or None,
+        "logprobs": _logprobs(body),
     }
     schema = _json_schema(body.get("response_format"))
     if schema is not None:
         options["json_schema"] = schema
     return options
+
+
+def _logprobs(body: dict) -> int | None:
+    """How many top alternatives to report per token (`top_logprobs`, default 0), None without `logprobs`."""
+    top = _number(body, "top_logprobs", 0, 20, None, integer=True)
+    if not body.get("logprobs"):
+        _check(top is None, "'top_logprobs' is only allowed when 'logprobs' is true.", "top_logprobs")
+        return None
+    return top or 0
+
+
+def _choice_logprobs(options: dict, entries: list[dict] | None) -> dict | None:
+    """A choice's `logprobs` (OpenAI's `ChoiceLogprobs`) when the request asked for them, else None."""
+    return None if options["logprobs"] is None else {"content": entries, "refusal": None}
 
 
 def _json_schema(response_format: Any) -> dict | None:
@@ -273,15 +288,28 @@ def _runtime_errors(call: Callable[[], Any]) -> Any:
 
 
 def _as_api_error(exc: Exception) -> Exception:
-    from llmlab.local.runtime import ContextLengthExceeded
+    from llmlab.local.runtime import ContextLengthExceeded, GrammarError
+    from llmlab.local.toolcalls import ToolChoiceError, ToolSchemaError
 
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, str(exc), "messages", "context_length_exceeded")
+    if isinstance(exc, ToolSchemaError):
+        return APIError(400, str(exc), exc.param, "invalid_function_parameters")
+    if isinstance(exc, ToolChoiceError):
+        return APIError(400, str(exc), "tool_choice")
+    if isinstance(exc, GrammarError):
+        return APIError(400, f"Invalid schema for response_format: {exc}", "response_format")
     return exc
 
 
 # -- chat ----------------------------------------------------------------------------------------------------------
 def _chat(backend: LocalBackend, body: dict) -> dict | StreamingResponse:
+    from llmlab.local.legacy import LegacyError, modernize
+
+    try:
+        body, legacy = modernize(body)
+    except LegacyError as exc:
+        raise APIError(400, str(exc), exc.param) from exc
     model = body.get("model")
     _check(isinstance(model, str) and bool(model), "Missing required parameter: 'model'.", "model")
     messages = _messages(body)
@@ -292,12 +320,12 @@ def _chat(backend: LocalBackend, body: dict) -> dict | StreamingResponse:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     runtime = backend.models.chat()
     options = _generation_options(body, runtime)
-    if options["max_tokens"] is None:
+    if options["max_tokens"] is None:  # as OpenAI: the room left in the model's context
         room = runtime.context_length - runtime.prompt_tokens(messages, tools=body.get("tools") or None)
-        options["max_tokens"] = max(1, min(DEFAULT_MAX_TOKENS, room))
+        options["max_tokens"] = max(1, room)
     options["adapter"] = adapter
     if body.get("tools"):
-        return _chat_with_tools(runtime, body, messages, options, served, stream, include_usage)
+        return _chat_with_tools(runtime, body, messages, options, served, stream, include_usage, legacy)
     from llmlab.local.chat_format import render
 
     prompt = render(messages)
@@ -308,8 +336,9 @@ def _chat(backend: LocalBackend, body: dict) -> dict | StreamingResponse:
         seed = options["seed"] + index if options["seed"] is not None else None
         gen = _runtime_errors(lambda seed=seed: runtime.generate(prompt, **{**options, "seed": seed}))
         message = {"role": "assistant", "content": gen.text}
+        logprobs = _choice_logprobs(options, gen.logprobs)
         choices.append(
-            {"index": index, "message": message, "finish_reason": gen.finish_reason, "logprobs": None}
+            {"index": index, "message": message, "finish_reason": gen.finish_reason, "logprobs": logprobs}
         )
         completion_tokens += gen.completion_tokens
         prompt_tokens = gen.prompt_tokens
@@ -345,9 +374,12 @@ def _chat_with_tools(
     served: str,
     stream: bool,
     include_usage: bool,
+    legacy: bool,
 ) -> dict | StreamingResponse:
-    """Tool calls: `llmlab.local.toolcalls.complete_with_tools` answers, the server shapes the response."""
-    from llmlab.local.toolcalls import ToolChoiceError, complete_with_tools
+    """Tool calls: `llmlab.local.toolcalls.complete_with_tools` answers, the server shapes the response
+    (in the legacy `function_call` shape for a request with `functions`)."""
+    from llmlab.local.legacy import legacy_finish_reason, to_legacy
+    from llmlab.local.toolcalls import complete_with_tools
 
     tools = body["tools"]
     _check(
@@ -356,33 +388,29 @@ def _chat_with_tools(
         "tools",
     )
     parallel = body.get("parallel_tool_calls")
-    try:
-        done = _runtime_errors(
-            lambda: complete_with_tools(
-                runtime,
-                messages=messages,
-                tools=tools,
-                tool_choice=body.get("tool_choice") or "auto",
-                parallel_tool_calls=True if parallel is None else bool(parallel),
-                **{k: v for k, v in options.items() if k != "json_schema"},
-            )
+    done = _runtime_errors(
+        lambda: complete_with_tools(
+            runtime,
+            messages=messages,
+            tools=tools,
+            tool_choice=body.get("tool_choice") or "auto",
+            parallel_tool_calls=True if parallel is None else bool(parallel),
+            **{k: v for k, v in options.items() if k != "json_schema"},
         )
-    except ToolChoiceError as exc:
-        raise APIError(400, str(exc), "tool_choice") from exc
+    )
+    shape = to_legacy if legacy else lambda part: part
+    finish = legacy_finish_reason(done.finish_reason) if legacy else done.finish_reason
+    logprobs = _choice_logprobs(options, done.logprobs)
     if not stream:
-        choice = {
-            "index": 0,
-            "message": done.message(),
-            "finish_reason": done.finish_reason,
-            "logprobs": None,
-        }
+        choice = {"index": 0, "message": shape(done.message()), "finish_reason": finish, "logprobs": logprobs}
         return _completion(served, [choice], done.prompt_tokens, done.completion_tokens)
     chunks = _Chunks(served)
 
     def body_() -> Iterator[str]:
-        for delta in done.deltas():
-            yield chunks.sse([{"index": 0, "delta": delta, "finish_reason": None}])
-        yield chunks.sse([{"index": 0, "delta": {}, "finish_reason": done.finish_reason}])
+        for i, delta in enumerate(done.deltas()):
+            first = {"logprobs": logprobs} if i == 0 and logprobs else {}
+            yield chunks.sse([{"index": 0, "delta": shape(delta), "finish_reason": None, **first}])
+        yield chunks.sse([{"index": 0, "delta": {}, "finish_reason": finish}])
         if include_usage:
             yield chunks.sse([], _usage(done.prompt_tokens, done.completion_tokens))
         yield "data: [DONE]\n\n"
@@ -447,8 +475,11 @@ def _stream(
                 [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             )
             while item[0] == "delta":
-                if item[1]:
-                    yield chunks.sse([{"index": 0, "delta": {"content": item[1]}, "finish_reason": None}])
+                delta = item[1]
+                if delta or delta.logprobs:
+                    logprobs = _choice_logprobs(options, delta.logprobs)
+                    choice = {"index": 0, "delta": {"content": str(delta)}, "finish_reason": None}
+                    yield chunks.sse([{**choice, **({"logprobs": logprobs} if logprobs else {})}])
                 item = events.get()
             if item[0] == "error":
                 error = {"message": f"{type(item[1]).__name__}: {item[1]}", "type": "server_error"}
@@ -501,6 +532,7 @@ def _embeddings(backend: LocalBackend, body: dict) -> dict:
     _check(
         encoding in ("float", "base64"), "'encoding_format' must be 'float' or 'base64'.", "encoding_format"
     )
+    _check_input_lengths(texts)
     runtime = backend.models.embedding()
     vectors = runtime.embed(texts)
     tokens = runtime.count_tokens(texts)
@@ -518,6 +550,22 @@ def _embeddings(backend: LocalBackend, body: dict) -> dict:
             else as_float32.tolist()
         )
     return response
+
+
+def _check_input_lengths(texts: list[str]) -> None:
+    """Refuse an input longer than OpenAI's limit, counted in OpenAI's tokens (a text of at most that many
+    UTF-8 bytes cannot exceed it, so only longer ones are counted)."""
+    from llmlab.tokens import count_tokens
+
+    for i, text in enumerate(texts):
+        if len(text.encode("utf-8")) > EMBEDDING_INPUT_LIMIT:
+            tokens = count_tokens(text, "text-embedding-3-small")
+            _check(
+                tokens <= EMBEDDING_INPUT_LIMIT,
+                f"'input[{i}]' is {tokens} tokens long; the maximum input length is {EMBEDDING_INPUT_LIMIT} "
+                "tokens. Please reduce the length of the input.",
+                f"input[{i}]" if len(texts) > 1 else "input",
+            )
 
 
 # -- fine-tuning -----------------------------------------------------------------------------------------------
