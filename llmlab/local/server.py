@@ -38,6 +38,9 @@ from llmlab.local.store import Store, new_id, paginate, public
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, resolve_alias
 from llmlab.paths import llmlab_home
 
+# A request that sets no max_tokens gets at most this many (shown in /v1/models as `default_max_tokens`):
+# SmolLM2 can loop for its whole 8,192-token context, minutes on a CPU with the shared model locked.
+DEFAULT_MAX_TOKENS = 512
 EMBEDDING_INPUT_LIMIT = 8191  # OpenAI's limit per embeddings input, in its own tokens (cl100k_base)
 FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 _ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -134,8 +137,9 @@ class LocalBackend:
         raise _model_not_found(model)
 
     def model_list(self) -> list[dict]:
+        chat = {"default_max_tokens": DEFAULT_MAX_TOKENS}  # the cap when a request sets none
         models = [
-            Model(id=CHAT_MODEL_ID, created=_CREATED, object="model", owned_by="llmlab"),
+            Model(id=CHAT_MODEL_ID, created=_CREATED, object="model", owned_by="llmlab", **chat),
             Model(id=EMBEDDING_MODEL_ID, created=_CREATED, object="model", owned_by="llmlab"),
         ]
         for job in self.store.list_jobs():
@@ -146,6 +150,7 @@ class LocalBackend:
                         created=job["finished_at"],
                         object="model",
                         owned_by="llmlab",
+                        **chat,
                     )
                 )
         return [m.model_dump(mode="json", exclude_none=True) for m in models]
@@ -320,9 +325,9 @@ def _chat(backend: LocalBackend, body: dict) -> dict | StreamingResponse:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     runtime = backend.models.chat()
     options = _generation_options(body, runtime)
-    if options["max_tokens"] is None:  # as OpenAI: the room left in the model's context
+    if options["max_tokens"] is None:
         room = runtime.context_length - runtime.prompt_tokens(messages, tools=body.get("tools") or None)
-        options["max_tokens"] = max(1, room)
+        options["max_tokens"] = max(1, min(DEFAULT_MAX_TOKENS, room))
     options["adapter"] = adapter
     if body.get("tools"):
         return _chat_with_tools(runtime, body, messages, options, served, stream, include_usage, legacy)
