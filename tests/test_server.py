@@ -308,7 +308,7 @@ def test_finetune_events_checkpoints_and_result_file(client, finetuned):
     early = checkpoints[-1].fine_tuned_model_checkpoint
     assert greedy(client, early, USER, max_tokens=5)  # a checkpoint answers as a model too
     (result,) = finetuned.result_files
-    csv = client.files.content(result).text.splitlines()
+    csv = base64.b64decode(client.files.content(result).content).decode("utf-8").splitlines()
     assert csv[0].startswith("step,") and len(csv) == steps + 1
 
 
