@@ -20,6 +20,11 @@ How it works:
 - "auto" → the model's own likelihood decides: P(the answer starts with the tool-call opener) against
   P(it starts with anything else), i.e. call when log P(opener) > log 0.5; an answer is then written as
   for "none". No keyword rules.
+- a tool's parameters with root-relative references (`$defs`/`$ref`, as pydantic and
+  `openai.pydantic_function_tool` write them) are re-rooted under the call's grammar; a schema the grammar
+  still cannot take is a `ToolSchemaError` naming the tool;
+- `max_tokens` bounds the whole turn, opener included; a call it cuts off is returned as far as it was
+  written, with finish_reason "length", as OpenAI does.
 """
 
 from __future__ import annotations
