@@ -565,11 +565,12 @@ def _check_input_lengths(texts: list[str]) -> None:
     for i, text in enumerate(texts):
         if len(text.encode("utf-8")) > EMBEDDING_INPUT_LIMIT:
             tokens = count_tokens(text, "text-embedding-3-small")
+            param = f"input[{i}]" if len(texts) > 1 else "input"
             _check(
                 tokens <= EMBEDDING_INPUT_LIMIT,
-                f"'input[{i}]' is {tokens} tokens long; the maximum input length is {EMBEDDING_INPUT_LIMIT} "
+                f"'{param}' is {tokens} tokens long; the maximum input length is {EMBEDDING_INPUT_LIMIT} "
                 "tokens. Please reduce the length of the input.",
-                f"input[{i}]" if len(texts) > 1 else "input",
+                param,
             )
 
 
