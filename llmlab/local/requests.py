@@ -24,8 +24,8 @@ from openai.types.shared import ReasoningEffort
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 MAX_N = 8  # completions per chat request (OpenAI allows 128; each one is generated on a small CPU)
+MAX_EMBEDDING_INPUTS = 2048  # texts per embeddings request, as OpenAI
 MAX_SCHEMA_DEPTH = 64  # nesting of a JSON schema in a tool or a response format
-FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 _TYPE_ERRORS = ("_type", "_parsing", "literal_error", "is_instance_of")
 _INSTANCE = re.compile(r" or instance of \w+")
 
@@ -57,9 +57,10 @@ def _param(body: Any, loc: tuple, missing: bool) -> str | None:
     """The dotted path of `loc` inside `body`: the labels pydantic adds for union members are dropped."""
     path, node = [], body
     for i, part in enumerate(loc):
-        if isinstance(node, dict) and isinstance(part, str) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+        inside = (isinstance(node, dict) and isinstance(part, str) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if inside:
             node = node[part]
         elif not (missing and i == len(loc) - 1):
             continue
@@ -159,6 +160,9 @@ JsonSchema = Annotated[dict[str, Any], AfterValidator(_valid_schema)]
 Metadata = Annotated[
     dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]], Field(max_length=16)
 ]
+
+
+FilePurpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
 
 
 # -- chat completions ----------------------------------------------------------------------------------------------
@@ -365,8 +369,8 @@ class EmbeddingRequest(_Strict):
     """`POST /v1/embeddings` (`embedding_create_params`)."""
 
     input: (
-        str
-        | Annotated[list[str], Field(min_length=1)]
+        NonEmpty
+        | Annotated[list[NonEmpty], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
         | Annotated[list[int], Field(min_length=1)]
         | Annotated[list[list[int]], Field(min_length=1)]
     )
