@@ -178,10 +178,18 @@ def test_other_metrics_map_to_chroma_spaces(tmp_path, metric, backend):
     if backend == "hnsw":
         assert (config["max_neighbors"], config["ef_construction"], config["ef_search"]) == (16, 200, 64)
     queries = rng.normal(size=(20, 16)).astype(np.float32)
-    ours, theirs = index.search(queries, k=5), chroma_search(collection, queries, k=5)
-    assert [r.ids for r in theirs] == [r.ids for r in ours]
-    scores = [[[h.score for h in r] for r in results] for results in (ours, theirs)]
-    assert np.allclose(*scores, rtol=1e-4, atol=1e-4)
+    exact = VectorIndex(16, metric=metric)
+    exact.add(vectors)
+    found, truth = chroma_search(collection, queries, k=5), exact.search(queries, k=5)
+    # Chroma's HNSW graph is approximate (and built by several threads): nearly all of the exact top-5 ...
+    shared = sum(len(set(f.ids) & set(t.ids)) for f, t in zip(found, truth, strict=True))
+    assert shared >= 0.95 * 5 * len(queries)
+    # ... and every hit's score, converted from Chroma's distance, is our score of that vector exactly
+    for query, hits in zip(queries, found, strict=True):
+        for hit in hits:
+            x = exact.get(hit.id).vector
+            ours = np.linalg.norm(query - x) if metric == "l2" else query @ x
+            assert hit.score == pytest.approx(float(ours), rel=1e-4, abs=1e-4)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------
