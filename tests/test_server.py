@@ -205,7 +205,7 @@ def test_malformed_json_and_missing_fields_are_400_with_param(client, base_url):
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
     for body, param in [
         ({"model": "gpt-4o-mini"}, "messages"),
-        ({"model": "gpt-4o-mini", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"model": "gpt-4o-mini", "messages": USER, "temperature": 5}, "temperature"),
         ({"model": "gpt-4o-mini", "messages": USER, "max_tokens": 0}, "max_tokens"),
         (

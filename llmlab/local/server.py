@@ -183,7 +183,7 @@ def _text_content(content: Any, param: str) -> str:
     for i, part in enumerate(content):
         if part["type"] != "text":
             raise APIError(
-                400, f"Only text content parts are supported locally ('{param}.{i}').", f"{param}.{i}"
+                400, f"Only text content parts are supported locally ('{param}[{i}]').", f"{param}[{i}]"
             )
     return "".join(part["text"] for part in content)
 
@@ -194,7 +194,7 @@ def _messages(body: dict) -> list[dict]:
         {
             **message,
             "role": "system" if message["role"] == "developer" else message["role"],
-            "content": _text_content(message.get("content"), f"messages.{i}.content"),
+            "content": _text_content(message.get("content"), f"messages[{i}].content"),
         }
         for i, message in enumerate(body["messages"])
     ]
