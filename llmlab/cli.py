@@ -1,4 +1,4 @@
-"""The `llmlab` command: `llmlab doctor`, `llmlab serve`, `llmlab validate FILE.jsonl`.
+"""The `llmlab` command: `llmlab doctor`, `llmlab serve`, `llmlab status`, `llmlab stop`, `llmlab validate FILE.jsonl`.
 
 >>> main(["doctor"])  # doctest: +SKIP
 """
@@ -9,6 +9,7 @@ import argparse
 import ipaddress
 import os
 import sys
+from pathlib import Path
 
 
 def _is_loopback(host: str) -> bool:
@@ -43,9 +44,46 @@ def _serve(args: argparse.Namespace) -> int:
                 "llmlab serve: --allow-remote needs an API key (--api-key or LLMLAB_API_KEY)", file=sys.stderr
             )
             return 2
-    from llmlab.local.server import serve
+    from llmlab.local.process import serve_foreground
 
-    serve(host=args.host, port=args.port, api_key=api_key)
+    def ready(record) -> None:
+        print(
+            f"llmlab serve: OPENAI_BASE_URL={record.url} (pid {record.pid}); the key is "
+            f"{'the one you gave' if api_key else 'in ' + str(Path(record.home) / 'server.json')}",
+            flush=True,
+        )
+
+    try:
+        serve_foreground(
+            host=args.host, port=args.port, api_key=api_key, idle_timeout=args.idle_timeout, on_ready=ready
+        )
+    except RuntimeError as error:
+        print(f"llmlab serve: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"llmlab serve: cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from llmlab.local.process import server_status
+
+    status = server_status()
+    for name, value in status.items():
+        print(f"{name:<14}{value}")
+    return 0 if status["server"] == "running" else 1
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from llmlab.local.process import stop_server
+    from llmlab.paths import llmlab_home
+
+    record = stop_server()
+    if record is None:
+        print(f"llmlab stop: no server was running for {llmlab_home()}")
+    else:
+        print(f"llmlab stop: stopped the server at {record.url} (pid {record.pid})")
     return 0
 
 
@@ -70,7 +108,16 @@ def main(argv: list[str] | None = None) -> int:
         "--allow-remote", action="store_true", help="allow a non-loopback host (needs an API key)"
     )
     serve.add_argument("--api-key", help="require this key on every request (or set LLMLAB_API_KEY)")
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long with no request and no active job (default: never)",
+    )
     serve.set_defaults(run=_serve)
+    commands.add_parser("status", help="show the local server of LLMLAB_HOME").set_defaults(run=_status)
+    commands.add_parser("stop", help="stop the local server of LLMLAB_HOME").set_defaults(run=_stop)
     validate = commands.add_parser("validate", help="check a chat fine-tuning JSONL file")
     validate.add_argument("file")
     validate.add_argument("--model", default=None, help="the model to count tokens and context for")

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from llmlab.local.owner import Owner, owner_alive
 from llmlab.local.store import Store, new_id
 from llmlab.models import CHAT_MODEL_ID, resolve_alias
 
@@ -107,6 +108,7 @@ class JobRunner:
         self.get_runtime = get_runtime
         self._queue: queue.Queue[str] = queue.Queue()
         self._cancelled: set[str] = set()
+        self.owner = Owner(store.jobs_dir)
         self._worker = threading.Thread(target=self._work, name="llmlab-finetune", daemon=True)
         self._worker.start()
         self.recover()
@@ -153,6 +155,7 @@ class JobRunner:
             "metadata": body.get("metadata"),
             "_requested_model": model,
             "_created_ns": now,
+            "_owner": self.owner.id,
         }
         self.store.job_dir(job["id"]).mkdir(parents=True, exist_ok=True)
         self.store.save_job(job)
@@ -179,9 +182,9 @@ class JobRunner:
         return job
 
     def recover(self) -> None:
-        """Mark the jobs that were active when the previous server stopped as failed."""
+        """Mark the active jobs whose server is gone as failed (another live server's jobs are left alone)."""
         for job in self.store.list_jobs():
-            if job["status"] in ACTIVE:
+            if job["status"] in ACTIVE and not owner_alive(self.store.jobs_dir, job.get("_owner")):
                 message = "The server stopped while this job was running; create the job again."
                 self._finish(
                     job["id"],
@@ -370,7 +373,8 @@ class JobRunner:
 
     def _finish(self, job_id: str, status: str, message: str, error: dict | None = None) -> dict:
         job = self.store.update_job(job_id, status=status, finished_at=int(time.time()), error=error)
-        self.store.add_event(job_id, message, level="error" if status == "failed" else "info")
+        if job["status"] == status:  # a job that had already finished otherwise keeps its status and events
+            self.store.add_event(job_id, message, level="error" if status == "failed" else "info")
         return job
 
 

@@ -28,6 +28,7 @@ from typing import Any
 from llmlab.paths import atomic_write_bytes, atomic_write_text
 
 _ALPHABET = string.ascii_letters + string.digits
+_FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def new_id(prefix: str, length: int = 24) -> str:
@@ -124,11 +125,13 @@ class Store:
         return job
 
     def update_job(self, job_id: str, **changes: Any) -> dict:
-        """Apply `changes` to the stored job and return it."""
+        """Apply `changes` to the stored job and return it; a finished job never changes again."""
         with self._lock:
             job = self.get_job(job_id)
             if job is None:
                 raise KeyError(job_id)
+            if job["status"] in _FINISHED:
+                return job
             job.update(changes)
             return self.save_job(job)
 
