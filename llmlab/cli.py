@@ -63,6 +63,8 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as error:
         print(f"llmlab serve: cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and raises it again
+        pass
     return 0
 
 

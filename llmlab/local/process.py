@@ -119,6 +119,7 @@ def _locked(home: Path, timeout: float = START_TIMEOUT) -> Iterator[None]:
 
 # -- finding a live server ---------------------------------------------------------------------------------------
 def _alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie, exited but not yet reaped by its parent, counts as gone)."""
     child = _children.get(pid)
     if child is not None:
         return child.poll() is None
@@ -128,7 +129,10 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive, but not ours
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): kill(pid, 0) is all we know
+        return True
 
 
 def answers(record: ServerRecord, timeout: float = PROBE_TIMEOUT) -> bool:
@@ -210,7 +214,8 @@ def _terminate(record: ServerRecord, timeout: float = 15.0) -> None:
             time.sleep(0.1)
         if _alive(record.pid):
             os.kill(record.pid, signal.SIGKILL)
-            while _alive(record.pid):
+            deadline = time.monotonic() + timeout
+            while _alive(record.pid) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
 
@@ -299,6 +304,8 @@ def run(
         if on_ready is not None:
             on_ready(record)
 
+    # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit through `finally`, not by the signal
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         serve(
             host=host,
@@ -311,6 +318,10 @@ def run(
         )
     finally:
         _remove_record(home, pid)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 def serve_foreground(
