@@ -378,6 +378,10 @@ def test_a_server_without_fine_tuning_says_so_and_a_dead_url_fails_fast(home, mo
         lab = llmlab.connect(base_url=f"http://127.0.0.1:{ollama.server_address[1]}/v1", quiet=True)
         assert (lab.chat_model, lab.embedding_model) == ("llama3.2:latest", "nomic-embed-text:latest")
         assert lab.supports("chat") and not lab.supports("fine_tuning")
+        checks = {c.name: c for c in llmlab.doctor(lab).checks}  # the endpoint, its models, what works there
+        assert checks["endpoint"].detail == f"endpoint backend at {lab.base_url}"
+        assert checks["models"].detail == "nomic-embed-text:latest, llama3.2:latest"
+        assert checks["chat"].ok and checks["embeddings"].ok and not checks["fine-tuning"].ok
         assert (
             llmlab.connect(base_url=lab.base_url, chat_model="llama3.2", quiet=True).chat_model == "llama3.2"
         )
