@@ -1,15 +1,21 @@
 """The `llmlab` command: `llmlab doctor`, `llmlab serve`, `llmlab status`, `llmlab stop`, `llmlab validate FILE.jsonl`.
 
+Also `python -m llmlab ...` (the same command where `.venv/bin` is not on the PATH).
+
 >>> main(["doctor"])  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 import sys
 from pathlib import Path
+
+import llmlab
 
 
 def _is_loopback(host: str) -> bool:
@@ -21,9 +27,26 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on `host`:`port` (a bind as uvicorn's own, before it starts)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                return True
+            raise
+    return False
+
+
 def _doctor(args: argparse.Namespace) -> int:
     from llmlab.doctor import run_checks
 
+    if args.build_cache:
+        from llmlab.local.runtime import build_weight_cache
+
+        build_weight_cache()
     report = run_checks()
     print(report)
     return 0 if report.ok else 1
@@ -44,12 +67,20 @@ def _serve(args: argparse.Namespace) -> int:
                 "llmlab serve: --allow-remote needs an API key (--api-key or LLMLAB_API_KEY)", file=sys.stderr
             )
             return 2
+    if _port_taken(args.host, args.port):
+        print(
+            f"llmlab serve: port {args.port} on {args.host} is already in use (another `llmlab serve`?): "
+            "stop that server or choose another port with --port",
+            file=sys.stderr,
+        )
+        return 1
     from llmlab.local.process import serve_foreground
 
     def ready(record) -> None:
+        key = "the --api-key" if api_key else f'"key" in {Path(record.home) / "server.json"}'
         print(
-            f"llmlab serve: OPENAI_BASE_URL={record.url} (pid {record.pid}); the key is "
-            f"{'the one you gave' if api_key else 'in ' + str(Path(record.home) / 'server.json')}",
+            f"llmlab serve: clients connect with OPENAI_BASE_URL={record.url} and OPENAI_API_KEY set to {key} "
+            f"(pid {record.pid}; `llmlab stop` stops it)",
             flush=True,
         )
 
@@ -92,20 +123,29 @@ def _stop(args: argparse.Namespace) -> int:
 def _validate(args: argparse.Namespace) -> int:
     from llmlab.datasets import validate_file
 
-    report = validate_file(args.file, model=args.model)
+    try:
+        report = validate_file(args.file, model=args.model)
+    except OSError as error:  # missing, a folder, unreadable
+        print(f"llmlab validate: cannot read {args.file}: {error.strerror or error}", file=sys.stderr)
+        return 2
     print(report)
     return 0 if report else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llmlab", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"llmlab {llmlab.__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("doctor", help="check models, libraries and the backend choice").set_defaults(
-        run=_doctor
+    doctor = commands.add_parser("doctor", help="check models, libraries and the backend choice")
+    doctor.add_argument(
+        "--build-cache",
+        action="store_true",
+        help="first build the chat model's float-weight cache (once, ~40 s), so the first chat answers at once",
     )
+    doctor.set_defaults(run=_doctor)
     serve = commands.add_parser("serve", help="run the OpenAI-compatible local server")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
     serve.add_argument(
         "--allow-remote", action="store_true", help="allow a non-loopback host (needs an API key)"
     )
@@ -121,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("status", help="show the local server of LLMLAB_HOME").set_defaults(run=_status)
     commands.add_parser("stop", help="stop the local server of LLMLAB_HOME").set_defaults(run=_stop)
     validate = commands.add_parser("validate", help="check a chat fine-tuning JSONL file")
-    validate.add_argument("file")
+    validate.add_argument("file", help="the JSONL file to check, one training example per line")
     validate.add_argument("--model", default=None, help="the model to count tokens and context for")
     validate.set_defaults(run=_validate)
     args = parser.parse_args(argv)

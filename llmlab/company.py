@@ -290,7 +290,7 @@ def evaluate_tool_calls(
     >>> scores = evaluate_tool_calls(lab, load_tool_eval()[:5])  # doctest: +SKIP
     >>> scores[["right_tool", "right_arguments"]].mean()  # doctest: +SKIP
     """
-    from tqdm.auto import tqdm
+    from llmlab.progress import tqdm
 
     cases = load_tool_eval() if cases is None else cases
     model = model or lab.chat_model

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from llmlab import tokens
 from llmlab.datasets import ChatDataset
 from llmlab.paths import DATA_DIR, read_data_jsonl
+from llmlab.progress import tqdm
 from llmlab.rag import build_prompt
 
 # ------------------------------------------------------------------------------------------ the claims

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmlab import tokens
-from llmlab.paths import atomic_write_text
+from llmlab import jsontext, tokens
+from llmlab.paths import atomic_write_text, remove_orphans, temp_names
 from llmlab.tokens import default_epochs
 
 if TYPE_CHECKING:
@@ -85,11 +85,14 @@ def _parse_line(raw: bytes, line: int) -> tuple[dict | None, Problem | None]:
             f"Byte 0x{byte} at byte {e.start + 1} is not UTF-8 ({e.reason}): re-save the file as UTF-8.",
         )
     try:
-        example = json.loads(text)
-    except json.JSONDecodeError as e:
-        return None, Problem(
-            line, "invalid_json", f"Invalid JSON at column {e.colno}: {e.msg}. Fix the quoting/commas here."
+        example = jsontext.loads(text)
+    except jsontext.JSONTextError as e:
+        message = (
+            f"Invalid JSON at column {e.column}: {e.reason}. Fix the quoting/commas here."
+            if e.column
+            else f"Unreadable JSON: {e.reason}. Simplify or remove this line."
         )
+        return None, Problem(line, "invalid_json", message)
     if not isinstance(example, dict):
         kind = type(example).__name__
         return None, Problem(
@@ -189,8 +192,8 @@ def _check_tool_calls(message: Mapping, i: int, declared: set[str] | None) -> It
             )
         else:
             try:
-                parsed = json.loads(arguments)
-            except json.JSONDecodeError as e:
+                parsed = jsontext.loads(arguments)
+            except jsontext.JSONTextError as e:
                 parsed = e
             if not isinstance(parsed, dict):
                 yield (
@@ -630,6 +633,13 @@ def _json_cell(value: Any) -> Any:
     )
 
 
+def _write(path: str | Path, text: str) -> Path:
+    """`atomic_write_text`, first deleting temp files that killed earlier writes to `path` left behind."""
+    path = Path(path)
+    remove_orphans(path.parent, temp_names(path.name))
+    return atomic_write_text(path, text)
+
+
 class ChatDataset:
     """A list of chat examples ``{"messages": [...], "tools"?: [...]}`` with the file's line of each one.
 
@@ -741,7 +751,7 @@ class ChatDataset:
     def to_jsonl(self, path: str | Path) -> Path:
         """Write one example per line, atomically (a crash mid-write leaves the old file intact)."""
         text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in self.examples)
-        return atomic_write_text(path, text)
+        return _write(path, text)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per example: ``messages`` (and ``tools`` when any example has them), plus readable columns."""
@@ -773,7 +783,7 @@ class ChatDataset:
                 df[column] = [json.dumps(v, ensure_ascii=False) if v is not None else "" for v in df[column]]
         buffer = io.StringIO()
         df.to_csv(buffer, index=False, quoting=csv.QUOTE_NONNUMERIC)
-        return atomic_write_text(path, buffer.getvalue())
+        return _write(path, buffer.getvalue())
 
     # --- checking and counting
     def validate(self, model: str | None = None, min_examples: int = MIN_EXAMPLES) -> ValidationReport:

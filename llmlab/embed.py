@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from llmlab.paths import atomic_write_bytes, llmlab_home
+from llmlab.paths import atomic_write_bytes, llmlab_home, remove_orphans, temp_names
 
 # Texts per request: OpenAI accepts up to 2,048 inputs and ~300k tokens per request. Big requests are faster
 # locally too (the server sorts a request's texts by length before batching them through the model).
@@ -109,6 +109,7 @@ class EmbeddingCache:
         key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
         name = hashlib.sha256(key_array.tobytes()).hexdigest()[:32]
         with self._lock:
+            remove_orphans(self.folder, temp_names())  # temp files of puts that were killed
             atomic_write_bytes(self.folder / f"{name}.npy", _array_bytes(vectors))
             atomic_write_bytes(self.folder / f"{name}{_KEYS}", _array_bytes(key_array))
             self._where.update((k, (name, i)) for i, k in enumerate(keys))

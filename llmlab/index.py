@@ -20,14 +20,19 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from llmlab import jsontext
+from llmlab.paths import remove_orphans
 
 METRICS = ("cosine", "ip", "l2")
 BACKENDS = ("exact", "hnsw")
@@ -48,6 +53,28 @@ _OPS = ("$eq", "$ne", "$gt", "$gte", "$lt", "$lte", "$in", "$nin")
 
 class IndexFormatError(ValueError):
     """A save directory that is missing, corrupted, foreign, or does not match what was asked for."""
+
+
+def _copies(path: Path, kind: str) -> str:
+    """A `remove_orphans` pattern for the copies that `save` writes ("tmp") or moves aside ("old") next to
+    `path`: ``.<name>.tmp-<pid>-<random>`` and ``.<name>.old-<pid>-<thread>`` (older versions: no pid in tmp).
+    """
+    return rf"\.{re.escape(path.name)}\.{kind}-(?:(?P<pid>\d+)-)?\w+"
+
+
+def _whole(value: Any) -> bool:
+    """A count or label read from JSON: a non-negative int (not a bool)."""
+    return type(value) is int and value >= 0
+
+
+def _moved_aside(path: Path) -> Path | None:
+    """The copy of a saved index that a save killed between its two moves left next to `path`, if any."""
+    try:
+        found = [p for p in path.parent.iterdir() if re.fullmatch(_copies(path, "old"), p.name)]
+    except OSError:
+        return None
+    found = [p for p in found if (p / "manifest.json").is_file()]
+    return max(found, key=lambda p: p.stat().st_ctime) if found else None  # ctime: when it was moved
 
 
 class Metadata(dict):
@@ -558,6 +585,8 @@ class VectorIndex:
 
     def _append(self, x: np.ndarray, ids: list[str], texts: list, metas: list[dict]) -> None:
         n0, n = self._n, len(x)
+        if not n:  # nothing to add (hnswlib fails on an empty batch)
+            return
         if n0 + n > len(self._vecs):
             cap = max(n0 + n, 2 * len(self._vecs), 64)
             vecs = np.zeros((cap, self.dim), dtype=np.float32)
@@ -721,7 +750,12 @@ class VectorIndex:
 
     # ---- persistence ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the index to directory `path` (replaced atomically if it holds a saved index)."""
+        """Write the index to directory `path`, replacing a saved index there.
+
+        Killed at any moment, it leaves the old index or the new one: the new copy is written next to `path`,
+        then the old one is moved aside and the new one moved in; `load` finds the old copy if a kill came
+        between the two moves. Copies that killed saves left behind are deleted by the next save.
+        """
         path = Path(path)
         if (
             path.exists()
@@ -730,7 +764,8 @@ class VectorIndex:
         ):
             raise IndexFormatError(f"{path} exists and is not a saved VectorIndex: refusing to overwrite it")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        remove_orphans(path.parent, _copies(path, "tmp"))
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-"))
         try:
             with self._lock.read():
                 n = self._n
@@ -762,6 +797,7 @@ class VectorIndex:
             os.replace(tmp, path)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+            remove_orphans(path.parent, _copies(path, "old"))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return path
@@ -770,15 +806,26 @@ class VectorIndex:
     def load(
         cls, path: str | os.PathLike, *, dim: int | None = None, metric: str | None = None
     ) -> VectorIndex:
-        """Read a directory written by `save`; `dim`/`metric`, when given, must match what was saved."""
+        """Read a directory written by `save`; `dim`/`metric`, when given, must match what was saved.
+
+        If a save was killed after moving the old copy aside, that copy is loaded (with a warning).
+        """
         path = Path(path)
         if not path.is_dir():
-            raise IndexFormatError(f"no saved VectorIndex at {path}: not a directory")
+            aside = _moved_aside(path)
+            if aside is None:
+                raise IndexFormatError(f"no saved VectorIndex at {path}: not a directory")
+            warnings.warn(
+                f"{path} is missing: loading the copy that an interrupted save left in {aside.name} "
+                "(save the index again to put it back in place)",
+                stacklevel=2,
+            )
+            path = aside
         try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+            manifest = jsontext.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise IndexFormatError(f"{path} is not a saved VectorIndex: it has no manifest.json") from None
-        except (ValueError, UnicodeDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
             raise IndexFormatError(f"{path}/manifest.json is corrupted: {e}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise IndexFormatError(f"{path} is not a saved VectorIndex (manifest format is not {FORMAT!r})")
@@ -789,11 +836,15 @@ class VectorIndex:
         for key, want in (("dim", dim), ("metric", metric)):
             if want is not None and manifest.get(key) != want:
                 raise IndexFormatError(f"{path} holds {key}={manifest.get(key)!r}, expected {key}={want!r}")
+        n, auto = manifest.get("count"), manifest.get("next_auto_id", 0)
+        if not (_whole(n) and _whole(auto)):
+            raise IndexFormatError(
+                f"{path}/manifest.json is corrupted: count and next_auto_id must be whole numbers"
+            )
         try:
             index = cls(manifest["dim"], manifest["metric"], manifest["backend"], **manifest["params"])
-            n = manifest["count"]
             vecs = np.load(path / "vectors.npy", allow_pickle=False)
-            records = json.loads((path / "records.json").read_text(encoding="utf-8"))
+            records = jsontext.loads((path / "records.json").read_text(encoding="utf-8"))
             ids, texts, metas = records["ids"], records["texts"], records["metadata"]
         except (OSError, KeyError, TypeError, ValueError) as e:
             raise IndexFormatError(f"{path} is corrupted: {type(e).__name__}: {e}") from None
@@ -801,17 +852,22 @@ class VectorIndex:
             raise IndexFormatError(
                 f"{path}/vectors.npy is corrupted: expected finite float32 ({n}, {index.dim}), got {vecs.dtype} {vecs.shape}"
             )
-        if (
-            not (len(ids) == len(texts) == len(metas) == n)
-            or len(set(ids)) != n
-            or not all(isinstance(m, dict) for m in metas)
+        if not (
+            all(type(column) is list and len(column) == n for column in (ids, texts, metas))
+            and all(type(i) is str for i in ids)
+            and len(set(ids)) == n
+            and all(t is None or type(t) is str for t in texts)
+            and all(type(m) is dict for m in metas)
         ):
-            raise IndexFormatError(f"{path}/records.json is corrupted: it does not hold {n} distinct records")
+            raise IndexFormatError(
+                f"{path}/records.json is corrupted: it does not hold {n} records with distinct string ids, "
+                "string or null texts, and metadata objects"
+            )
         index._vecs, index._n = np.ascontiguousarray(vecs), n
         index._sq = np.einsum("ij,ij->i", vecs, vecs).astype(np.float32)
-        index._ids, index._texts, index._meta = list(ids), list(texts), [Metadata(m) for m in metas]
+        index._ids, index._texts, index._meta = ids, texts, [Metadata(m) for m in metas]
         index._row = {i: r for r, i in enumerate(ids)}
-        index._auto = int(manifest.get("next_auto_id", 0))
+        index._auto = auto
         if index.backend == "hnsw":
             index._load_graph(path, manifest, records)
         return index
@@ -819,17 +875,23 @@ class VectorIndex:
     def _load_graph(self, path: Path, manifest: dict, records: dict) -> None:
         import hnswlib
 
-        elements = manifest.get("hnsw_elements")
-        labels = np.array(records.get("labels", []), dtype=np.int64)
-        if not isinstance(elements, int) or len(labels) != self._n:
-            raise IndexFormatError(f"{path} is corrupted: hnsw labels are missing")
+        elements, labels = manifest.get("hnsw_elements"), records.get("labels")
+        if not (
+            _whole(elements)
+            and type(labels) is list
+            and len(labels) == self._n
+            and all(_whole(label) and label < elements for label in labels)
+            and len(set(labels)) == self._n
+        ):
+            raise IndexFormatError(f"{path} is corrupted: hnsw labels are missing or wrong")
+        labels = np.array(labels, dtype=np.int64)
         graph = hnswlib.Index(space="l2" if self.metric == "l2" else "ip", dim=self.dim)
-        try:
-            graph.load_index(str(path / "hnsw.bin"), max_elements=max(elements, 1024))
-        except RuntimeError as e:
+        try:  # max_elements=0: the capacity saved in the file
+            graph.load_index(str(path / "hnsw.bin"), max_elements=0)
+        except (RuntimeError, MemoryError) as e:
             raise IndexFormatError(f"{path}/hnsw.bin cannot be read: {e}") from None
         # hnswlib's file stores neither dimension nor space: check the element count and one stored vector.
-        ok = graph.element_count == elements and (labels < elements).all() and (labels >= 0).all()
+        ok = graph.element_count == elements
         if ok and self._n:
             ok = np.allclose(np.asarray(graph.get_items(labels[:1]), dtype=np.float32)[0], self._vecs[0])
         if not ok:

@@ -9,11 +9,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import tempfile
+from importlib.resources import files
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = REPO_ROOT / "data"
+
+
+def _data_dir() -> Path:
+    """The kit's data: `llmlab/_data` in an installed wheel, else `data/` of the source tree (a checkout or an
+    editable install, where the folder stays at the top of the repository).
+
+    >>> (_data_dir() / "employees.csv").is_file()
+    True
+    """
+    packaged = files("llmlab") / "_data"
+    return Path(str(packaged)) if packaged.is_dir() else REPO_ROOT / "data"
+
+
+DATA_DIR = _data_dir()
 
 
 def read_data_jsonl(name: str) -> list[dict]:
@@ -41,7 +57,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,3 +73,47 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """`atomic_write_bytes` for text, encoded as UTF-8."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def temp_names(name: str | None = None) -> str:
+    """A `remove_orphans` pattern for the temp files of `atomic_write_bytes` to `name` (to any name if None)."""
+    return rf"\.{re.escape(name) if name else '.+'}\.(?:(?P<pid>\d+)-)?\w+\.tmp"
+
+
+def remove_orphans(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete the temp files and folders in `folder` left by killed writers; returns what was deleted.
+
+    `pattern` is a regex for the whole temp name; its group `pid`, the writer's process id, tells whether the
+    writer is still running (its temp file is then left alone). A name without a pid is an orphan.
+
+    >>> remove_orphans("/tmp", temp_names("llmlab-example.txt"))  # doctest: +SKIP
+    [PosixPath('/tmp/.llmlab-example.txt.4242-k3j_x9a1.tmp')]
+    """
+    try:
+        entries = list(Path(folder).iterdir())
+    except FileNotFoundError:
+        return []
+    removed = []
+    for entry in entries:
+        match = re.fullmatch(pattern, entry.name)
+        if match is None or (match["pid"] and _running(int(match["pid"]))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists (True when unsure: on Windows, os.kill would end it)."""
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no pid at all: keep its file
+        return True
+    return True

@@ -34,6 +34,8 @@ from typing import Any
 import pydantic
 from pydantic_core import to_jsonable_python
 
+from llmlab import jsontext
+
 __all__ = ["RunResult", "Tool", "Trace", "TraceStep", "run", "tool"]
 
 _SECTION = re.compile(
@@ -139,20 +141,35 @@ class Tool:
         summary, param_docs = parse_docstring(fn.__doc__)
         self.description = description if description is not None else summary
         fields: dict[str, Any] = {}
+        self._positional: list[str] = []  # positional-only parameters, passed by position
         for pname, param in inspect.signature(fn).parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
                 raise TypeError(f"tool {self.name!r}: *args/**kwargs cannot be described to a model")
+            if param.kind == param.POSITIONAL_ONLY:
+                self._positional.append(pname)
             annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
             default = ... if param.default is inspect.Parameter.empty else param.default
             fields[pname] = (annotation, pydantic.Field(default, description=param_docs.get(pname) or None))
-        hints = _resolved_hints(fn)
+        try:
+            hints, unresolved = typing.get_type_hints(fn, include_extras=True), None
+        except Exception as e:  # e.g. a forward reference to a name not defined (yet)
+            hints, unresolved = {}, e  # the raw annotations still do when only the return type is unknown
         for pname in fields:
             if pname in hints:
                 fields[pname] = (hints[pname], fields[pname][1])
-        self.model = pydantic.create_model(
-            f"{self.name}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields
-        )
-        parameters = _drop_titles(_inline_refs(self.model.model_json_schema()))
+        try:
+            self.model = pydantic.create_model(
+                f"{self.name}_arguments", __config__=pydantic.ConfigDict(extra="forbid"), **fields
+            )
+            parameters = _drop_titles(_inline_refs(self.model.model_json_schema()))
+        except pydantic.PydanticUserError:
+            if unresolved is None:
+                raise
+            raise TypeError(
+                f"tool {self.name!r} ({getattr(fn, '__qualname__', self.name)}): its type annotations cannot be "
+                f"resolved ({type(unresolved).__name__}: {unresolved}); define or import every type in its "
+                "signature before decorating it"
+            ) from None
         parameters.setdefault("properties", {})
         parameters.setdefault("required", [])
         self.parameters: dict = parameters
@@ -180,9 +197,9 @@ class Tool:
         """
         if isinstance(arguments, str):
             try:
-                arguments = json.loads(arguments or "{}")
-            except json.JSONDecodeError as e:
-                raise ValueError(f"arguments are not valid JSON ({e.msg} at position {e.pos})") from None
+                arguments = jsontext.loads(arguments or "{}")
+            except jsontext.JSONTextError as e:
+                raise ValueError(f"arguments are not valid JSON ({e})") from None
         if not isinstance(arguments, dict):
             raise ValueError(f"arguments must be a JSON object, got {type(arguments).__name__}")
         try:
@@ -196,15 +213,12 @@ class Tool:
 
     def invoke(self, arguments: str | dict) -> Any:
         """Validate `arguments` (JSON text or dict) and call the function with them."""
-        return self.fn(**self.validate(arguments))
+        return self._apply(self.validate(arguments))
 
-
-def _resolved_hints(fn: Callable[..., Any]) -> dict[str, Any]:
-    """Type hints with string annotations (`from __future__ import annotations`) resolved, extras kept."""
-    try:
-        return typing.get_type_hints(fn, include_extras=True)
-    except Exception:  # unresolvable forward references: fall back to the raw annotations
-        return {}
+    def _apply(self, kwargs: dict[str, Any]) -> Any:
+        """Call the function with validated arguments by name (positional-only ones go by position)."""
+        kwargs = dict(kwargs)
+        return self.fn(*[kwargs.pop(name) for name in self._positional], **kwargs)
 
 
 def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None):
@@ -283,7 +297,7 @@ def _execute(call: Any, by_name: dict[str, Tool], round_no: int) -> tuple[dict, 
             step.error = f"invalid arguments for {name}: {e}"
         else:
             try:
-                step.result = _as_text(chosen.fn(**kwargs))
+                step.result = _as_text(chosen._apply(kwargs))
             except Exception as e:  # the function's own failure is reported to the model, not raised
                 step.error = f"{name} raised {type(e).__name__}: {e}"
     step.seconds = time.perf_counter() - start

@@ -321,15 +321,6 @@ def test_llmlab_serve_status_and_stop_share_the_record(other_server):
     assert cli("status", home=other_home).returncode == 1
 
 
-def test_serve_on_a_taken_port_is_a_clear_error(home):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        result = cli("serve", "--port", str(taken.getsockname()[1]), home=home)
-    assert result.returncode == 1 and "cannot listen" in result.stderr and "Traceback" not in result.stderr
-    assert read_record(home) is None
-
-
 def test_connect_to_another_server_by_base_url_picks_its_models(other_server, home, monkeypatch):
     url, key, _, _ = other_server
     monkeypatch.setenv("OPENAI_BASE_URL", url)

@@ -8,6 +8,7 @@ import sys
 import matplotlib
 import pandas as pd
 import pytest
+from crashes import killed_at_replace
 
 from llmlab import tokens
 from llmlab.datasets import MIN_EXAMPLES, ChatDataset, Problem, ValidationReport, validate_file
@@ -338,6 +339,46 @@ def test_atomic_write_keeps_old_file_when_serialization_fails(tmp_path):
     with pytest.raises(TypeError):
         ChatDataset([GOOD, {"messages": [msg("user", {1, 2})]}]).to_jsonl(path)
     assert ChatDataset.from_jsonl(path).examples == [GOOD]
+
+
+def test_a_killed_write_keeps_the_old_file_and_the_next_write_removes_its_temp_file(tmp_path):
+    path = tmp_path / "train.jsonl"
+    ChatDataset([GOOD]).to_jsonl(path)
+    code = f"from llmlab.datasets import ChatDataset; ChatDataset([{OTHER!r}] * 50).to_jsonl({str(path)!r})"
+    orphans = []
+    for _ in range(2):  # each killed write leaves its temp file and removes the one left before it
+        killed_at_replace(code, nth=1)  # the temp file is written, the rename never happens
+        assert ChatDataset.from_jsonl(path).examples == [GOOD]
+        (orphan,) = {p.name for p in tmp_path.iterdir()} - {"train.jsonl"}
+        assert orphan.startswith(".train.jsonl.") and orphan.endswith(".tmp") and orphan not in orphans
+        orphans.append(orphan)
+    live = tmp_path / f".train.jsonl.{os.getpid()}-live1234.tmp"  # a write still running in this process
+    other = tmp_path / ".eval.jsonl.abc12345.tmp"  # another file's
+    live.write_text("x")
+    other.write_text("x")
+    ChatDataset([OTHER]).to_jsonl(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, live.name, other.name])
+    assert ChatDataset.from_jsonl(path).examples == [OTHER]
+
+
+DEEP_LINE = b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"  # RecursionError in json.loads
+LONG_NUMBER_LINE = b'{"messages": [], "n": ' + b"7" * 5000 + b"}"  # ValueError: too many digits for int()
+DEEP_ARGUMENTS = tool_example(call(arguments='{"city": ' + "[" * 5000 + "]" * 5000 + "}"))
+
+
+def test_lines_python_cannot_parse_are_reported_and_the_good_lines_kept(tmp_path):
+    path = write(tmp_path / "odd.jsonl", [GOOD, DEEP_LINE, LONG_NUMBER_LINE, DEEP_ARGUMENTS, OTHER])
+    report = both_paths(path, min_examples=1)
+    assert found(report) == [(2, "invalid_json"), (3, "invalid_json"), (4, "tool_call_arguments_not_json")]
+    ds = ChatDataset.from_jsonl(path)
+    assert ds.lines == [1, 4, 5] and ds.examples[0] == GOOD and ds.examples[2] == OTHER
+    deep, digits = ds.load_problems
+    assert "nested too deeply" in deep.message and "too many digits" in digits.message
+    cli = subprocess.run(
+        [sys.executable, "-m", "llmlab.cli", "validate", path], capture_output=True, text=True, timeout=120
+    )
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr, cli.stderr
+    assert "line 2: [invalid_json]" in cli.stdout and "line 3: [invalid_json]" in cli.stdout
 
 
 def test_stats_counts_and_true_percentiles():

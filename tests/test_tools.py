@@ -157,6 +157,48 @@ def test_validate_converts_and_reports():
         t.validate({"period": {"start": "x", "days": 1}, "colour": "red"})
 
 
+DEEP_JSON = '{"q": ' + "[" * 5000 + "]" * 5000 + "}"  # RecursionError in json.loads
+LONG_NUMBER_JSON = '{"q": ' + "7" * 5000 + "}"  # ValueError: more digits than int() reads
+
+
+@pytest.mark.parametrize(
+    ("arguments", "match"),
+    [(DEEP_JSON, "nested too deeply"), (LONG_NUMBER_JSON, "too many digits"), ('{"q": [1,,2]}', "column 10")],
+)
+def test_unreadable_json_arguments_are_a_clear_error(arguments, match):
+    def echo(q: object = None) -> str:
+        return "ran"
+
+    with pytest.raises(ValueError, match=rf"not valid JSON \(.*{match}"):
+        tool(echo).invoke(arguments)
+    assert tool(echo).invoke('{"q": [[1]]}') == "ran"
+
+
+def test_positional_only_parameters_are_supported():
+    def scale(value: float, /, factor: float = 2.0) -> float:
+        """Scale a value."""
+        return value * factor
+
+    t = tool(scale)
+    assert t.parameters["required"] == ["value"] and set(t.parameters["properties"]) == {"value", "factor"}
+    assert t.invoke('{"value": 3}') == 6.0
+    assert t.invoke({"factor": 10, "value": 0.5}) == 5.0
+    assert t(4, factor=0.5) == 2.0  # still callable as the plain function
+
+
+def test_unresolvable_annotation_is_a_clear_error_naming_the_function():
+    def book_room(room: NoSuchRoom, when: str) -> str:  # noqa: F821 (the defect under test)
+        return "booked"
+
+    with pytest.raises(TypeError, match=r"book_room.*cannot be resolved.*NoSuchRoom"):
+        tool(book_room)
+
+    def only_the_return_type_is_unknown(when: str) -> NoSuchReceipt:  # noqa: F821
+        return when
+
+    assert tool(only_the_return_type_is_unknown).invoke('{"when": "now"}') == "now"
+
+
 # ---------------------------------------------------------------- the OpenAI-specific path, mocked
 # OpenAI's servers cannot be reached from here (no internet), so this test plays them with an httpx
 # MockTransport that answers with the exact JSON shape OpenAI returns for parallel tool calls.
@@ -256,6 +298,37 @@ def test_error_message_ends_in_one_full_stop():
         "Error: lookup raised ValueError: nobody by that name. Use the full name. "
         "Fix the arguments or answer without it."
     )
+
+
+def test_run_reports_unreadable_arguments_and_calls_positional_only_tools():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if len(json.loads(request.content)["messages"]) > 1:
+            return httpx.Response(200, json=_completion({"role": "assistant", "content": "Done."}, "stop"))
+        calls = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": "area", "arguments": arguments}}
+            for i, arguments in enumerate(
+                [
+                    '{"width": ' + "[" * 5000 + "]" * 5000 + "}",
+                    '{"width": ' + "9" * 5000 + "}",
+                    '{"width": 3}',
+                ]
+            )
+        ]
+        message = {"role": "assistant", "content": None, "tool_calls": calls}
+        return httpx.Response(200, json=_completion(message, "tool_calls"))
+
+    def area(width: int, /, height: int = 2) -> int:
+        return width * height
+
+    client = openai.OpenAI(
+        api_key="sk-test", http_client=httpx.Client(transport=httpx.MockTransport(handler))
+    )
+    lab = type("FakeLab", (), {"client": client, "chat_model": "gpt-4o-mini"})()
+    result = run(lab, [{"role": "user", "content": "go"}], [area])
+    assert result.status == "completed" and result.content == "Done."
+    deep, digits, good = result.trace.tool_steps
+    assert "nested too deeply" in deep.error and "too many digits" in digits.error
+    assert good.error is None and good.result == "6"
 
 
 def test_max_rounds_with_a_model_that_never_stops_calling():

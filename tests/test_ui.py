@@ -300,6 +300,24 @@ def test_chat_panel_shows_the_sources_of_each_answer(lab, kb):
     assert panel.turns == [] and panel.history.value == ""
 
 
+def test_chat_panel_streams_the_answer_and_keeps_the_newest_turn_in_view(lab):
+    """The answer appears token by token (the history changes many times during one `send`, each time with a
+    longer start of the final answer), and the history is a reversed flex column scrolled to its newest turn."""
+    panel = ChatPanel(lab, max_tokens=40)
+    seen: list[str] = []
+    panel.history.observe(lambda change: seen.append(change["new"]), "value")
+    turn = panel.send("Write one sentence about the sea.")
+    assert panel.last_error is None and turn.answer.strip()
+    answers = [html.unescape(m) for v in seen for m in re.findall(r"<b>Model:</b> (.*?)</div>", v, re.S)]
+    assert len(answers) >= 3, answers  # partial answers were shown before the last one
+    assert all(turn.answer.strip().startswith(a) for a in answers) and answers[-1] == turn.answer.strip()
+    panel.send("And one about the sky.")
+    assert "flex-direction:column-reverse" in panel.history.value
+    inner = re.search(r'class="llmlab-chat-scroll"[^>]*><div>(.*)</div></div>$', panel.history.value, re.S)
+    assert inner and inner.group(1).count("llmlab-turn") == 2
+    assert inner.group(1).rfind("the sky") > inner.group(1).rfind("the sea")  # newest last, at the bottom
+
+
 def test_chat_panel_shows_tool_calls_and_results(lab):
     from llmlab.tools import tool
 

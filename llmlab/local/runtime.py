@@ -183,13 +183,27 @@ def _quiet_loading() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def build_weight_cache(home: str | os.PathLike | None = None) -> Path:
+    """The chat model's weight-cache folder under `home` (default `llmlab_home()`), built first if missing,
+    with one progress bar of ours (`make setup` builds it through `llmlab doctor --build-cache`).
+
+    >>> build_weight_cache().name  # doctest: +SKIP
+    'SmolLM2-135M-Instruct'
+    """
+    from llmlab.progress import weight_cache_progress
+
+    cache = (Path(home) if home is not None else llmlab_home()) / "weights" / CHAT_MODEL_ID
+    if not (cache / "model.safetensors").exists():
+        with weight_cache_progress():
+            _build_cache(cache)
+    return cache
+
+
 def load_chat_model(home: Path) -> tuple[Any, Any]:
     """(model, tokenizer) of SmolLM2 from the weight cache, building the cache first if needed."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cache = Path(home) / "weights" / CHAT_MODEL_ID
-    if not (cache / "model.safetensors").exists():
-        _build_cache(cache)
+    cache = build_weight_cache(home)
     tokenizer = AutoTokenizer.from_pretrained(cache)
     with _quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
@@ -539,4 +553,6 @@ class EmbeddingRuntime:
         """Input tokens as the model sees them (without the [CLS]/[SEP] markers, before truncation)."""
         texts = [texts] if isinstance(texts, str) else texts
         tokenizer = self.model.tokenizer
-        return sum(len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+        # verbose=False: counting a text longer than the model's 256 tokens is the point, not worth a warning
+        encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)
+        return sum(len(ids) for ids in encoded["input_ids"])

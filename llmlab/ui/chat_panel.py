@@ -1,7 +1,8 @@
 """`ChatPanel`: chat with a model (base or fine-tuned), optionally grounded in a knowledge base and with tools.
 
 Each answer shows the sources it was given (with a `KnowledgeBase`) and each tool call with its result
-(with `tools`, through `llmlab.tools.run`).
+(with `tools`, through `llmlab.tools.run`). Without tools the answer streams in token by token; the history
+keeps its newest turn in view.
 
 >>> panel = ChatPanel(lab, knowledge_base=kb, tools=[leave_balance])   # doctest: +SKIP
 >>> panel.send("How many days of leave do I get?")                     # doctest: +SKIP
@@ -72,9 +73,7 @@ class ChatPanel(Panel):
             w.Button(icon="refresh", tooltip="List fine-tuned models again", layout=w.Layout(width="36px")),
             "chat-reload",
         )
-        self.history = styled(
-            w.HTML("", layout=w.Layout(max_height="480px", overflow="auto")), "chat-history"
-        )
+        self.history = styled(w.HTML(""), "chat-history")
         self.input = styled(
             w.Text(
                 placeholder="Type a message and press Enter",
@@ -113,7 +112,20 @@ class ChatPanel(Panel):
     def clear(self) -> None:
         """Forget the conversation."""
         self.turns.clear()
-        self.history.value = ""
+        self._show()
+
+    def _show(self, writing: Turn | None = None) -> None:
+        """Draw the history, plus the answer being written; the newest turn stays in view.
+
+        The scroll box is a reversed flex column: browsers keep such a box scrolled to its end as it grows.
+        """
+        turns = [*self.turns, writing] if writing else self.turns
+        self.history.value = (
+            '<div class="llmlab-chat-scroll" style="max-height:480px;overflow-y:auto;display:flex;'
+            f'flex-direction:column-reverse"><div>{"".join(self._turn_html(t) for t in turns)}</div></div>'
+            if turns
+            else ""
+        )
 
     def _messages(self, question: str) -> tuple[list[dict], list]:
         """The messages to send (system, recent turns, the question with retrieved context) and the hits."""
@@ -137,28 +149,39 @@ class ChatPanel(Panel):
         try:
             with self.working(f"{self.model.value} is thinking…"):
                 turn = self._ask(question)
+            self.turns.append(turn)
         finally:
             self.send_button.disabled = False
-        self.turns.append(turn)
-        self.history.value = "".join(self._turn_html(t) for t in self.turns)
+            self._show()  # on an error: the finished turns only, no half answer
         if text is None:
             self.input.value = ""  # the observer sees an empty value and does nothing
         return turn
 
     def _ask(self, question: str) -> Turn:
-        model = self.model.value
+        """One answer: through `llmlab.tools.run` with tools, else streamed into the history as it comes."""
         start = time.perf_counter()
         messages, hits = self._messages(question)
+        turn = Turn(question, "", self.model.value, hits)
         options = {"temperature": self.temperature, "max_completion_tokens": self.max_tokens}
         if self.tools:
-            result = run(self.lab, messages, self.tools, model=model, tool_choice=self.tool_choice, **options)
-            answer, steps = result.content or "", result.trace.tool_steps
+            result = run(
+                self.lab, messages, self.tools, model=turn.model, tool_choice=self.tool_choice, **options
+            )
+            turn.answer, turn.tool_steps = result.content or "", result.trace.tool_steps
             if result.status != "completed":
-                answer += f"\n[stopped: {result.status}]"
+                turn.answer += f"\n[stopped: {result.status}]"
         else:
-            response = self.lab.client.chat.completions.create(model=model, messages=messages, **options)
-            answer, steps = response.choices[0].message.content or "", []
-        return Turn(question, answer, model, hits, steps, time.perf_counter() - start)
+            chunks = self.lab.client.chat.completions.create(
+                model=turn.model, messages=messages, stream=True, **options
+            )
+            for chunk in chunks:
+                delta = chunk.choices[0].delta.content if chunk.choices else None
+                if delta:
+                    turn.answer += delta
+                    turn.seconds = time.perf_counter() - start
+                    self._show(writing=turn)
+        turn.seconds = time.perf_counter() - start
+        return turn
 
     @staticmethod
     def _turn_html(turn: Turn) -> str:

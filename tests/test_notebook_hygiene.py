@@ -1,0 +1,141 @@
+"""The saved notebooks look right to a learner who opens them: no machine's paths, no unexplained stderr, no
+progress bar frozen at 0%, and a kernelspec (without one a notebook opens as modified).
+
+Rules, per saved output of every notebook in notebooks/:
+- no absolute path of the machine that ran it (/work/, /root/, /home/, /tmp/, /Users/, site-packages);
+  llmlab shows its own folders home-relative (`~/.cache/llmlab`);
+- a stderr stream is allowed only when the NEXT cell explains it: that cell's source must contain the
+  marker words "stderr above" (e.g. a markdown cell "The stderr above is ... and is harmless because ...");
+- no progress bar saved as text at 0% (the text/plain of a widget bar as first displayed, or the last frame
+  of a text bar); llmlab's bars (`llmlab.progress.tqdm`) are re-displayed with their final state;
+- metadata.kernelspec is python3, "Python 3 (ipykernel)".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+MACHINE_PATH = re.compile(r"(?<![\w.~:/-])/(?:work|root|home|tmp|Users)/|site-packages")
+ZERO_BAR = re.compile(r"(?<!\d)0%\|")
+EXPLAINED = "stderr above"
+
+
+def _text(value) -> str:
+    return "".join(value) if isinstance(value, list) else str(value)
+
+
+def _last_frames(text: str) -> str:
+    """What a terminal shows of `text`: each line's part after its last carriage return."""
+    return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+
+
+def _outputs_of(nb: dict):
+    """(cell index, output, its shown text) for every output of every code cell of the notebook `nb`."""
+    for i, cell in enumerate(nb["cells"]):
+        for output in cell.get("outputs", []):
+            if output["output_type"] == "stream":
+                shown = _last_frames(_text(output["text"]))
+            else:
+                data = output.get("data", {})
+                shown = "\n".join(_text(v) for k, v in data.items() if k.startswith("text/"))
+                shown += _text(output.get("traceback", ""))
+            yield i, output, shown
+
+
+def problems(notebook: Path) -> list[str]:
+    """Every rule broken by `notebook`'s saved outputs and metadata, as readable lines."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    cells, found = nb["cells"], []
+    spec = nb.get("metadata", {}).get("kernelspec") or {}
+    if spec.get("name") != "python3" or spec.get("display_name") != "Python 3 (ipykernel)":
+        found.append(f"kernelspec is {spec or 'missing'}")
+    for i, output, shown in _outputs_of(nb):
+        if match := MACHINE_PATH.search(shown):
+            start = max(0, match.start() - 40)
+            found.append(f"cell {i}: a machine path: …{shown[start : match.end() + 40]!r}…")
+        if ZERO_BAR.search(shown):
+            found.append(f"cell {i}: a progress bar saved at 0%: {shown.strip()[:100]!r}")
+        if output.get("name") == "stderr":
+            following = _text(cells[i + 1]["source"]) if i + 1 < len(cells) else ""
+            if EXPLAINED not in following.lower():
+                found.append(f"cell {i}: stderr not explained in the next cell: {shown.strip()[:160]!r}")
+    return found
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
+def test_saved_notebook_is_clean(notebook):
+    found = problems(notebook)
+    assert not found, "\n".join(found)
+
+
+def test_the_rules_catch_what_they_should(tmp_path):
+    """Each rule on a small notebook: a clean one passes, each fault is named."""
+
+    def notebook(outputs, next_source="", kernelspec=True):
+        nb = {
+            "cells": [
+                {"cell_type": "code", "source": "x", "outputs": outputs, "metadata": {}},
+                {"cell_type": "markdown", "source": next_source, "metadata": {}},
+            ],
+            "metadata": {
+                "kernelspec": {
+                    "name": "python3",
+                    "display_name": "Python 3 (ipykernel)",
+                    "language": "python",
+                }
+            }
+            if kernelspec
+            else {},
+        }
+        path = tmp_path / "nb.ipynb"
+        path.write_text(json.dumps(nb))
+        return problems(path)
+
+    stream = {
+        "output_type": "stream",
+        "name": "stdout",
+        "text": "home: ~/.cache/llmlab https://x.org/home/a\n",
+    }
+    assert notebook([stream]) == []
+    assert notebook([stream], kernelspec=False) == ["kernelspec is missing"]
+    leaked = {"output_type": "display_data", "data": {"text/html": "<td>/tmp/nbh2/weights</td>"}}
+    assert "a machine path" in notebook([leaked])[0]
+    venv = {"output_type": "stream", "name": "stdout", "text": "/opt/venv/lib/python3.11/site-packages/x"}
+    assert "a machine path" in notebook([venv])[0]
+    frozen = {"output_type": "display_data", "data": {"text/plain": "answering:   0%|          | 0/24"}}
+    assert "saved at 0%" in notebook([frozen])[0]
+    done = {"output_type": "stream", "name": "stdout", "text": "bar:   0%|  | 0/4\rbar: 100%|##| 4/4\n"}
+    assert notebook([done]) == []
+    warning = {"output_type": "stream", "name": "stderr", "text": "[transformers] Token indices ...\n"}
+    assert "stderr not explained" in notebook([warning])[0]
+    assert notebook([warning], next_source="The stderr above is harmless: ...") == []
+
+
+def test_counting_long_texts_for_embedding_writes_no_tokenizer_warning(capfd):
+    """The "longer than the specified maximum sequence length" warning of notebook 05 came from counting the
+    tokens of a chunk longer than MiniLM's 256 (which is the point of counting): it is silenced at its source."""
+    from llmlab.local.runtime import EmbeddingRuntime
+
+    runtime = EmbeddingRuntime()
+    assert runtime.count_tokens("word " * 400) > runtime.max_tokens
+    assert "longer than the specified maximum" not in capfd.readouterr().err
+
+
+def test_llmlab_bars_are_saved_with_their_final_state(tmp_path):
+    """In a real kernel, a bar of `llmlab.progress.tqdm` is saved at 100% (tqdm.auto's stays at its 0% frame)."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    code = "import llmlab.progress, sys\nfor _ in llmlab.progress.tqdm(range(5), desc='demo'):\n    pass\n"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(code)])
+    NotebookClient(
+        nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": tmp_path}}
+    ).execute()
+    shown = [text for _, _, text in _outputs_of(nb)]
+    assert any("demo: 100%" in text for text in shown), shown
+    assert not any(ZERO_BAR.search(text) for text in shown), shown
