@@ -227,7 +227,12 @@ def _local_lab(chat_model: str | None, embedding_model: str | None) -> tuple[Lab
     )
     transport.client = client
     lab = _lab(client, "local", LOCAL_MODELS, chat_model, embedding_model)
-    return lab, f"started the home's server, pid {record.pid}" if started else f"using its running server, pid {record.pid}"
+    return (
+        lab,
+        f"started the home's server, pid {record.pid}"
+        if started
+        else f"using its running server, pid {record.pid}",
+    )
 
 
 def connect(
