@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import itertools
 import tempfile
 import time
@@ -112,6 +114,21 @@ def loss_curve(lab: Lab, job_id: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).astype(
         {c: float for c in ("train_loss", "valid_loss") if c in columns}
     )
+
+
+def results(lab: Lab, job_id: str) -> pd.DataFrame:
+    """The finished job's result file (`step_metrics.csv`) as a table: one row per training step.
+
+    OpenAI serves that file base64-encoded, and so does the local server: this decodes it the same way
+    for both. Empty (no columns) while the job has no result file yet.
+
+    >>> results(lab, job.id)[["step", "train_loss"]].tail(1)          # doctest: +SKIP
+    """
+    job = lab.client.fine_tuning.jobs.retrieve(job_id)
+    if not job.result_files:
+        return pd.DataFrame()
+    encoded = lab.client.files.content(job.result_files[0]).content
+    return pd.read_csv(io.BytesIO(base64.b64decode(encoded)))
 
 
 def _show_progress(bar: tqdm, job: FineTuningJob, rows: list[dict]) -> None:

@@ -308,7 +308,7 @@ def test_finetune_events_checkpoints_and_result_file(client, finetuned):
     early = checkpoints[-1].fine_tuned_model_checkpoint
     assert greedy(client, early, USER, max_tokens=5)  # a checkpoint answers as a model too
     (result,) = finetuned.result_files
-    csv = client.files.content(result).text.splitlines()
+    csv = base64.b64decode(client.files.content(result).content).decode("utf-8").splitlines()
     assert csv[0].startswith("step,") and len(csv) == steps + 1
 
 
@@ -427,12 +427,22 @@ def test_restart_keeps_files_jobs_and_adapters_and_fails_interrupted_jobs(
     interrupted.update(fine_tuned_model=None, finished_at=None, _created_ns=time.time_ns())
     Store(home).job_dir(interrupted["id"]).mkdir()
     Store(home).save_job(interrupted)
+    for checkpoint in reversed(Store(home).list_checkpoints(finetuned.id)[:2]):  # its epochs before the stop
+        name = checkpoint["fine_tuned_model_checkpoint"].replace(finetuned.id[-8:], interrupted["id"][-8:])
+        Store(home).add_checkpoint(interrupted["id"], {**checkpoint, "fine_tuned_model_checkpoint": name})
+    Store(home).add_checkpoint(
+        interrupted["id"], {**checkpoint, "id": "ftckpt-x", "_adapter_dir": "adapters/gone"}
+    )
     url, stop = serve_app_in_thread(create_app(home))
     try:
         again = openai.OpenAI(base_url=url, api_key="local")
         assert again.fine_tuning.jobs.retrieve(finetuned.id).status == "succeeded"
         failed = again.fine_tuning.jobs.retrieve(interrupted["id"])
         assert failed.status == "failed" and "server stopped" in failed.error.message
+        listed = list(again.fine_tuning.jobs.checkpoints.list(interrupted["id"]))
+        assert len(listed) == 2  # the one whose adapter is gone is not listed; the others answer
+        for checkpoint in listed:
+            assert greedy(again, checkpoint.fine_tuned_model_checkpoint, USER, max_tokens=3)
         assert {f.id for f in client.files.list()} == {f.id for f in again.files.list()}
         training = finetuned.training_file
         assert again.files.content(training).content == client.files.content(training).content

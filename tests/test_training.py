@@ -16,7 +16,7 @@ import torch
 from test_runtime import fresh_chat_runtime
 
 from llmlab.local.chat_format import render, render_pieces
-from llmlab.local.training import StepInfo, encode_example, train_lora
+from llmlab.local.training import JsonlExamples, StepInfo, encode_example, train_lora
 from llmlab.paths import DATA_DIR
 
 PAIRS = 8
@@ -131,13 +131,15 @@ def test_training_does_not_touch_the_serving_weights(rt, trained):
         assert not tensor.requires_grad
 
 
-def test_same_seed_same_adapter(rt, tmp_path):
+def test_same_seed_same_adapter_from_a_list_or_read_from_the_file(rt, tmp_path):
+    path = tmp_path / "two.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in _examples()[:2]), encoding="utf-8")
     runs = []
-    for n in range(2):
+    for n, examples in enumerate([_examples()[:2], JsonlExamples(path)]):
         steps: list[StepInfo] = []
         train_lora(
             rt,
-            _examples()[:2],
+            examples,
             n_epochs=1,
             batch_size=2,
             seed=3,

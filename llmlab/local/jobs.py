@@ -4,34 +4,35 @@ One job trains at a time, in one worker thread; validation runs as soon as a job
 Status: validating_files -> queued -> running -> succeeded | failed | cancelled.
 
 >>> runner = JobRunner(store, get_runtime)                                  # doctest: +SKIP
->>> job = runner.create({"model": "gpt-4o-mini", "training_file": file_id})  # doctest: +SKIP
+>>> job = runner.create(FineTuningJobRequest(model="gpt-4o-mini", training_file=file_id))  # doctest: +SKIP
 >>> runner.store.get_job(job["id"])["status"]                                # doctest: +SKIP
 'running'
 """
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import math
 import queue
 import random
-import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from openai.types.fine_tuning import FineTuningJob
+
 from llmlab.local.owner import Owner, owner_alive
-from llmlab.local.store import Store, new_id
+from llmlab.local.requests import FineTuningJobRequest
+from llmlab.local.store import Store, new_id, public
 from llmlab.models import CHAT_MODEL_ID, resolve_alias
 
 CANCEL_WAIT = 15.0  # seconds a cancel request waits for the running job to stop
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
-_SUFFIX = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-_LIMITS = {"n_epochs": (1, 50), "batch_size": (1, 256), "learning_rate_multiplier": (1e-6, 10.0)}
 
 
 class JobRequestError(ValueError):
@@ -60,43 +61,6 @@ def auto_batch_size(n_examples: int) -> int:
     return min(8, max(1, n_examples // 10))
 
 
-def _requested_hyperparameters(body: dict) -> dict:
-    """The hyperparameters from `method.supervised.hyperparameters` or the deprecated top-level field."""
-    method = body.get("method")
-    if method is not None:
-        if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
-            raise JobRequestError("Only method type 'supervised' is available locally.", "method.type")
-        supervised = method.get("supervised") or {}
-        if supervised.get("hyperparameters"):
-            return dict(supervised["hyperparameters"])
-    hyper = body.get("hyperparameters") or {}
-    if not isinstance(hyper, dict):
-        raise JobRequestError("hyperparameters must be an object.", "hyperparameters")
-    return dict(hyper)
-
-
-def _check_hyperparameters(hyper: dict) -> dict:
-    checked = {}
-    for name, (low, high) in _LIMITS.items():
-        value = hyper.get(name, "auto")
-        number_type = float if name == "learning_rate_multiplier" else int
-        ok = value in ("auto", None) or (
-            isinstance(value, int | float) and not isinstance(value, bool) and low <= value <= high
-        )
-        if not ok or (number_type is int and isinstance(value, float)):
-            raise JobRequestError(
-                f"Invalid hyperparameter {name}={value!r}: use 'auto' or a number from {low:g} to {high:g}.",
-                f"hyperparameters.{name}",
-            )
-        checked[name] = "auto" if value is None else value
-    unknown = set(hyper) - set(_LIMITS)
-    if unknown:
-        raise JobRequestError(
-            f"Unknown hyperparameter {sorted(unknown)[0]!r}.", f"hyperparameters.{sorted(unknown)[0]}"
-        )
-    return checked
-
-
 class JobRunner:
     """Creates, validates, trains and cancels fine-tuning jobs stored in `store`.
 
@@ -114,25 +78,18 @@ class JobRunner:
         self.recover()
 
     # -- requests --------------------------------------------------------------------------------------
-    def create(self, body: dict) -> dict:
-        """Check a create request, store the job (status validating_files) and start validating it."""
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise JobRequestError("Missing required parameter: 'model'.", "model")
+    def create(self, request: FineTuningJobRequest) -> dict:
+        """Check what the request model cannot (the base model, the files), store the job
+        (status validating_files) and start validating it."""
+        model = request.model
         if resolve_alias(model) != CHAT_MODEL_ID:
             status, code = (404, "model_not_found") if resolve_alias(model) is None else (400, None)
             raise JobRequestError(f"Model {model!r} is not available for fine-tuning.", "model", code, status)
-        training_file = self._check_file(body, "training_file", required=True)
-        validation_file = self._check_file(body, "validation_file", required=False)
-        suffix = body.get("suffix")
-        if suffix is not None and (not isinstance(suffix, str) or not _SUFFIX.match(suffix)):
-            raise JobRequestError(
-                "suffix must be 1 to 64 letters, digits, '-', '_' or '.' characters.", "suffix"
-            )
-        seed = body.get("seed")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise JobRequestError("seed must be an integer.", "seed")
-        hyper = _check_hyperparameters(_requested_hyperparameters(body))
+        training_file = self._check_file(request.training_file, "training_file")
+        validation_file = request.validation_file and self._check_file(
+            request.validation_file, "validation_file"
+        )
+        hyper = request.requested_hyperparameters().resolved()
         now = time.time_ns()
         job = {
             "id": new_id("ftjob-"),
@@ -146,17 +103,18 @@ class JobRunner:
             "model": CHAT_MODEL_ID,
             "organization_id": "org-llmlab",
             "result_files": [],
-            "seed": random.randrange(2**31) if seed is None else seed,
+            "seed": random.randrange(2**31) if request.seed is None else request.seed,
             "status": "validating_files",
             "trained_tokens": None,
             "training_file": training_file,
             "validation_file": validation_file,
-            "user_provided_suffix": suffix,
-            "metadata": body.get("metadata"),
+            "user_provided_suffix": request.suffix,
+            "metadata": request.metadata,
             "_requested_model": model,
             "_created_ns": now,
             "_owner": self.owner.id,
         }
+        FineTuningJob.model_validate(public(job))  # what is stored must render: checked before it is
         self.store.job_dir(job["id"]).mkdir(parents=True, exist_ok=True)
         self.store.save_job(job)
         self.store.add_event(job["id"], f"Created fine-tuning job: {job['id']}")
@@ -200,12 +158,7 @@ class JobRunner:
             time.sleep(0.2)
 
     # -- the work --------------------------------------------------------------------------------------
-    def _check_file(self, body: dict, param: str, required: bool) -> str | None:
-        file_id = body.get(param)
-        if file_id is None and not required:
-            return None
-        if not isinstance(file_id, str) or not file_id:
-            raise JobRequestError(f"Missing required parameter: '{param}'.", param)
+    def _check_file(self, file_id: str, param: str) -> str:
         record = self.store.get_file(file_id)
         if record is None:
             raise JobRequestError(f"Invalid file {file_id!r}: no such file.", param, f"invalid_{param}")
@@ -217,16 +170,18 @@ class JobRunner:
             )
         return file_id
 
-    def _load_examples(self, job: dict, param: str) -> list[dict] | None:
-        """The file's examples, or None after failing the job with the first problem (naming its line)."""
-        from llmlab.datasets import ChatDataset
+    def _check_examples(self, job: dict, param: str) -> int | None:
+        """The number of examples in the job's file, or None after failing the job with the first problem.
+
+        The file is validated line by line (`llmlab.datasets.validate_file`), never held whole.
+        """
+        from llmlab.datasets import validate_file
 
         path = self.store.file_path(job[param])
         if path is None:
             self._fail(job["id"], f"The {param.replace('_', ' ')} {job[param]} was deleted.", param)
             return None
-        dataset = ChatDataset.from_jsonl(path)
-        report = dataset.validate() if param == "training_file" else dataset.validate(min_examples=1)
+        report = validate_file(path) if param == "training_file" else validate_file(path, min_examples=1)
         problems = report.errors  # includes the lines that did not parse
         if problems:
             first = problems[0]
@@ -238,18 +193,18 @@ class JobRunner:
                 param,
             )
             return None
-        return dataset.examples
+        return report.n_examples
 
     def _validate(self, job_id: str) -> None:
         job = self.store.get_job(job_id)
         try:
             self.store.add_event(job_id, f"Validating training file: {job['training_file']}")
-            examples = self._load_examples(job, "training_file")
-            if examples is None or (
-                job["validation_file"] and self._load_examples(job, "validation_file") is None
+            n_examples = self._check_examples(job, "training_file")
+            if n_examples is None or (
+                job["validation_file"] and self._check_examples(job, "validation_file") is None
             ):
                 return
-            hyper = self._resolve(job["hyperparameters"], len(examples))
+            hyper = self._resolve(job["hyperparameters"], n_examples)
             with self.store._lock:
                 if self.store.get_job(job_id)["status"] != "validating_files":
                     return  # cancelled meanwhile
@@ -283,16 +238,15 @@ class JobRunner:
                 self._cancelled.discard(job_id)
 
     def _train(self, job_id: str) -> None:
-        from llmlab.datasets import ChatDataset
-        from llmlab.local.training import DEFAULT_LEARNING_RATE, train_lora
+        from llmlab.local.training import DEFAULT_LEARNING_RATE, JsonlExamples, train_lora
 
         job = self.store.update_job(job_id, status="running")
         self.store.add_event(job_id, "Fine-tuning job started")
         hyper = job["hyperparameters"]
-        examples = ChatDataset.from_jsonl(self.store.file_path(job["training_file"])).examples
+        examples = JsonlExamples(self.store.file_path(job["training_file"]))  # read line by line when needed
         validation = None
         if job["validation_file"]:
-            validation = ChatDataset.from_jsonl(self.store.file_path(job["validation_file"])).examples
+            validation = JsonlExamples(self.store.file_path(job["validation_file"]))
         name = fine_tuned_name(job["model"], job["user_provided_suffix"], job_id)
         out_dir = self.store.adapters_dir / job_id
         steps: list[dict] = []
@@ -350,7 +304,9 @@ class JobRunner:
             on_epoch=on_epoch,
             should_stop=lambda: job_id in self._cancelled,
         )
-        results_file = self.store.add_file(_metrics_csv(steps), "step_metrics.csv", "fine-tune-results")
+        # base64 text, as OpenAI serves a job's result file (clients call base64.b64decode on it)
+        csv_b64 = base64.b64encode(_metrics_csv(steps))
+        results_file = self.store.add_file(csv_b64, "step_metrics.csv", "fine-tune-results")
         changes = {"trained_tokens": result.trained_tokens, "result_files": [results_file["id"]]}
         if result.cancelled or job_id in self._cancelled:
             self.store.update_job(job_id, **changes)

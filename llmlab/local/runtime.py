@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -134,14 +135,38 @@ class ContextLengthExceeded(ValueError):
     """The prompt plus `max_tokens` do not fit in the model's context window."""
 
 
+class GrammarError(ValueError):
+    """A JSON schema or grammar that constrained decoding cannot take."""
+
+
 @dataclass(frozen=True)
 class Generation:
-    """One finished completion; `finish_reason` is "stop" (eos, stop string, grammar done) or "length"."""
+    """One finished completion; `finish_reason` is "stop" (eos, stop string, grammar done) or "length".
+
+    `logprobs`: when asked for, one `ChatCompletionTokenLogprob` dict per token of `text` (OpenAI's shape).
+    """
 
     text: str
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[dict] | None = None
+
+
+class TextDelta(str):
+    """A streamed piece of text; `logprobs` holds the entries of the tokens it completes (None: not asked).
+
+    >>> delta = TextDelta("Hi", [])
+    >>> delta + "!", delta.logprobs
+    ('Hi!', [])
+    """
+
+    logprobs: list[dict] | None
+
+    def __new__(cls, text: str, logprobs: list[dict] | None = None) -> TextDelta:
+        delta = super().__new__(cls, text)
+        delta.logprobs = logprobs
+        return delta
 
 
 def _build_cache(target: Path) -> None:
@@ -222,6 +247,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _grammar_error(error: str) -> str:
+    """llguidance's compile error without its position prefix and grammar listing.
+
+    >>> _grammar_error("at 2(7): failed to compile JSON schema: Pointer '/x' does not exist\\n   1 | start")
+    "failed to compile JSON schema: Pointer '/x' does not exist"
+    """
+    first = error.strip().splitlines()[0] if error.strip() else "invalid grammar"
+    return re.sub(r"^at \d+\(\d+\): ", "", first)
+
+
 def _held_back(text: str, stops: list[str]) -> int:
     """How many trailing characters might still become a stop string (or complete a UTF-8 character)."""
     hold = len(text) - len(text.rstrip("\ufffd"))
@@ -231,6 +266,44 @@ def _held_back(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return hold
+
+
+class _Handout:
+    """The per-token log-prob entries of one generation, handed out with the text deltas that hold them.
+
+    >>> h = _Handout(); h.add({"bytes": [72, 105]}); h.add({"bytes": [33]})
+    >>> h.through("Hi"), h.rest("Hi"), h.given
+    ([{'bytes': [72, 105]}], [], [{'bytes': [72, 105]}])
+    """
+
+    def __init__(self) -> None:
+        self.entries: list[dict] = []
+        self.ends = [0]  # byte offset where each token's text ends
+        self.given: list[dict] = []
+
+    def add(self, entry: dict) -> None:
+        self.entries.append(entry)
+        self.ends.append(self.ends[-1] + len(entry["bytes"]))
+
+    def _take(self, n: int) -> list[dict]:
+        out = self.entries[len(self.given) : n]
+        self.given += out
+        return out
+
+    def through(self, text: str) -> list[dict]:
+        """The entries not handed out yet of the tokens that `text` (all the text so far) holds whole."""
+        size, n = len(text.encode("utf-8")), len(self.given)
+        while n < len(self.entries) and self.ends[n + 1] <= size:
+            n += 1
+        return self._take(n)
+
+    def rest(self, text: str) -> list[dict]:
+        """The last entries, of the tokens that reach into the final `text`; tokens past it (a stop string
+        that was cut off) are dropped."""
+        size, n = len(text.encode("utf-8")), len(self.given)
+        while n < len(self.entries) and self.ends[n] < size:
+            n += 1
+        return self._take(n)
 
 
 class ChatRuntime:
@@ -320,7 +393,7 @@ class ChatRuntime:
         """Tokens of the prompt that `messages` (and `tools`) render to, generation prompt included."""
         return self.count_tokens(render(messages, tools=tools))
 
-    def _check_room(self, prompt_tokens: int, max_tokens: int) -> None:
+    def check_room(self, prompt_tokens: int, max_tokens: int) -> None:
         if prompt_tokens + max_tokens > self.context_length:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {self.context_length} tokens. However, you requested "
@@ -369,34 +442,84 @@ class ChatRuntime:
             yield
 
     # -- constrained decoding -------------------------------------------------------------------------------
+    def check_grammar(self, lark_grammar: str) -> None:
+        """Compile `lark_grammar` (kept for later use); `GrammarError` with llguidance's reason if invalid.
+
+        >>> ChatRuntime().check_grammar('start: %json {"$ref": "#/$defs/X"}')  # doctest: +SKIP
+        Traceback (most recent call last):
+        GrammarError: failed to compile JSON schema: Pointer '/$defs/X' does not exist
+        """
+        self._template(None, lark_grammar)
+
     def _matcher(self, json_schema: dict | None, lark_grammar: str | None) -> Any:
         """A fresh llguidance matcher for the schema or grammar (compiled once, then copied), or None."""
         if json_schema is None and lark_grammar is None:
             return None
+        return self._template(json_schema, lark_grammar).deep_copy()
+
+    def _template(self, json_schema: dict | None, lark_grammar: str | None) -> Any:
+        """The compiled llguidance matcher of the schema or grammar, from the cache or compiled now."""
         import llguidance
-        import llguidance.hf
+
+        self._ensure_loaded()
 
         if json_schema is not None:
             key = ("json", json.dumps(json_schema, sort_keys=True))
         else:
             key = ("lark", lark_grammar)
+        ll_tokenizer = self._llguidance_tokenizer()
         with self._load_lock:
-            if self._ll_tokenizer is None:
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(self.tokenizer)
             template = self._grammars.get(key)
             if template is None:
-                if json_schema is not None:
-                    grammar = llguidance.LLMatcher.grammar_from_json_schema(json_schema, defaults=_JSON_STYLE)
-                else:
-                    grammar = llguidance.LLMatcher.grammar_from_lark(lark_grammar)
-                template = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+                try:
+                    if json_schema is not None:
+                        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+                            json_schema, defaults=_JSON_STYLE
+                        )
+                    else:
+                        grammar = llguidance.LLMatcher.grammar_from_lark(lark_grammar)
+                except ValueError as exc:
+                    raise GrammarError(_grammar_error(str(exc))) from exc
+                template = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
                 if template.is_error():
-                    raise ValueError(f"Invalid {key[0]} grammar: {template.get_error()}")
+                    raise GrammarError(_grammar_error(template.get_error()))
                 self._grammars[key] = template
                 if len(self._grammars) > 64:
                     self._grammars.popitem(last=False)
             self._grammars.move_to_end(key)
-        return template.deep_copy()
+        return template
+
+    def _llguidance_tokenizer(self) -> Any:
+        """The tokenizer as llguidance sees it (token bytes), made once."""
+        import llguidance.hf
+
+        self._ensure_loaded()
+        with self._load_lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer)
+            return self._ll_tokenizer
+
+    def _token_bytes(self, token: int) -> bytes:
+        """A token's bytes (a special token: its name)."""
+        ll = self._llguidance_tokenizer()
+        if ll.is_special_token(token):
+            return self._tokenizer.convert_ids_to_tokens(token).encode("utf-8")
+        return ll.decode_bytes([token])
+
+    def _token_logprob(self, logits: torch.Tensor, token: int, top: int) -> dict:
+        """OpenAI's `ChatCompletionTokenLogprob` of `token` under `logits`, with its `top` alternatives."""
+        logprobs = torch.log_softmax(logits, dim=-1)
+
+        def entry(t: int, logprob: float) -> dict:
+            raw = self._token_bytes(t)
+            return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob}
+
+        best = torch.topk(logprobs, top) if top else None
+        alternatives = [] if best is None else zip(best.indices.tolist(), best.values.tolist(), strict=True)
+        return {
+            **entry(token, float(logprobs[token])),
+            "top_logprobs": [entry(t, lp) for t, lp in alternatives if lp > float("-inf")],
+        }
 
     @staticmethod
     def _mask(logits: torch.Tensor, matcher: Any) -> None:
@@ -434,19 +557,23 @@ class ChatRuntime:
         adapter: str | None = None,
         json_schema: dict | None = None,
         lark_grammar: str | None = None,
-    ) -> Iterator[str]:
+        logprobs: int | None = None,
+    ) -> Iterator[TextDelta]:
         """Generate text deltas for `prompt`; the generator's return value (`StopIteration.value`) is the
         final `Generation`. Close the generator (`.close()`) to stop early and release the lock.
 
-        `temperature` 0 is greedy; `seed` makes sampling reproducible; `stop` strings cut the text
-        (finish_reason "stop"); `json_schema` / `lark_grammar` constrain the output with llguidance.
+        `max_tokens` None: the room left in the context. `temperature` 0 is greedy; `seed` makes sampling
+        reproducible; `stop` strings cut the text (finish_reason "stop"); `json_schema` / `lark_grammar`
+        constrain the output with llguidance. `logprobs` (0–20 top alternatives) gives each delta the
+        log-probabilities of the tokens it completes (of the distribution sampled from, before temperature).
         """
         self._ensure_loaded()
         ids = self.encode(prompt)
         max_tokens = self.context_length - len(ids) if max_tokens is None else max_tokens
-        self._check_room(len(ids), max_tokens)
+        self.check_room(len(ids), max_tokens)
         stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         matcher = self._matcher(json_schema, lark_grammar)
+        handout = _Handout() if logprobs is not None else None
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else generator.seed())
         tokens: list[int] = []
@@ -464,6 +591,8 @@ class ChatRuntime:
                     finish = "stop"
                     break
                 tokens.append(token)
+                if handout is not None:
+                    handout.add(self._token_logprob(logits, token, logprobs))
                 text = self._tokenizer.decode(tokens, skip_special_tokens=True)
                 cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
                 if cut >= 0:
@@ -474,13 +603,14 @@ class ChatRuntime:
                     break
                 safe = len(text) - _held_back(text, stops)
                 if safe > emitted:
-                    yield text[emitted:safe]
+                    yield TextDelta(text[emitted:safe], handout and handout.through(text[:safe]))
                     emitted = safe
                 if len(tokens) < max_tokens:
                     logits = self._forward([token], cache)[-1]
-        if len(text) > emitted:
-            yield text[emitted:]
-        return Generation(text, finish, len(ids), len(tokens))
+        rest = handout and handout.rest(text)
+        if len(text) > emitted or rest:
+            yield TextDelta(text[emitted:], rest)
+        return Generation(text, finish, len(ids), len(tokens), handout and handout.given)
 
     def generate(self, prompt: str, **options: Any) -> Generation:
         """The whole completion at once; same options as `stream`.
@@ -501,7 +631,7 @@ class ChatRuntime:
         head, tail = self.encode(prompt), self.encode(continuation)
         if not tail:
             return 0.0
-        self._check_room(len(head) + len(tail), 0)
+        self.check_room(len(head) + len(tail), 0)
         with self._lock, self._using(adapter):
             logits, _ = self._read_prompt(head + tail, adapter, keep=len(tail) + 1)
         logprobs = torch.log_softmax(logits[:-1], dim=-1)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import atexit
 import base64
+import ipaddress
 import json
+import logging
 import queue
 import secrets
 import socket
@@ -21,10 +23,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import quote, urlsplit
 
 import uvicorn
-from fastapi import Body, FastAPI, File, Form, Request, UploadFile
+from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from openai.types import CreateEmbeddingResponse, FileDeleted, FileObject, Model
@@ -34,37 +37,30 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmlab.local.jobs import JobRequestError, JobRunner
+from llmlab.local.requests import (
+    APIError,
+    ChatCompletionRequest,
+    EmbeddingRequest,
+    FilePurpose,
+    FineTuningJobRequest,
+    JsonObjectFormat,
+    JsonSchemaFormat,
+    ResponseFormat,
+    parse,
+    request_error,
+)
 from llmlab.local.store import Store, new_id, paginate, public
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, resolve_alias
 from llmlab.paths import llmlab_home
 
-DEFAULT_MAX_TOKENS = 512  # when a request sets no limit: enough for an answer, bounded on a slow CPU
-FILE_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
-_ROLES = ("system", "developer", "user", "assistant", "tool")
+# A request that sets no max_tokens gets at most this many (shown in /v1/models as `default_max_tokens`):
+# SmolLM2 can loop for its whole 8,192-token context, minutes on a CPU with the shared model locked.
+DEFAULT_MAX_TOKENS = 512
+EMBEDDING_INPUT_LIMIT = 8191  # OpenAI's limit per embeddings input, in its own tokens (cl100k_base)
 _CREATED = 1730000000  # a fixed "created" time for the bundled models
 JsonBody = Annotated[dict[str, Any], Body()]
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error body and `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {401: "authentication_error", 404: "invalid_request_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error"
-        )
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
+Limit = Annotated[int, Query(ge=1, le=10000)]
+_log = logging.getLogger(__name__)
 
 
 class _Models:
@@ -104,17 +100,29 @@ class LocalBackend:
 
     # -- models ------------------------------------------------------------------------------------------
     def fine_tuned_models(self) -> dict[str, tuple[dict, Path]]:
-        """Every usable fine-tuned model name (and checkpoint name) -> (its job, its adapter folder)."""
+        """Every usable fine-tuned model name and checkpoint name -> (its job, its adapter folder).
+
+        A succeeded job's model, and the checkpoints of any job (one that failed or was cancelled too)
+        whose adapter is on disk: what `checkpoints` lists is what answers.
+        """
         found = {}
         for job in self.store.list_jobs():
             if job["status"] == "succeeded" and job.get("fine_tuned_model"):
                 found[job["fine_tuned_model"]] = (job, self.home / job["_adapter_dir"])
-                for checkpoint in self.store.list_checkpoints(job["id"]):
-                    found[checkpoint["fine_tuned_model_checkpoint"]] = (
-                        job,
-                        self.home / checkpoint["_adapter_dir"],
-                    )
+            for checkpoint in self.checkpoints(job["id"]):
+                found[checkpoint["fine_tuned_model_checkpoint"]] = (
+                    job,
+                    self.home / checkpoint["_adapter_dir"],
+                )
         return found
+
+    def checkpoints(self, job_id: str) -> list[dict]:
+        """The job's checkpoints whose adapter is complete on disk, newest first."""
+        return [
+            c
+            for c in self.store.list_checkpoints(job_id)
+            if (self.home / c.get("_adapter_dir", "") / "adapter_config.json").is_file()
+        ]
 
     def chat_target(self, model: str) -> tuple[str, str | None]:
         """(the id that serves `model`, the adapter name to generate with or None); 404/400 otherwise."""
@@ -134,21 +142,28 @@ class LocalBackend:
         raise _model_not_found(model)
 
     def model_list(self) -> list[dict]:
-        models = [
-            Model(id=CHAT_MODEL_ID, created=_CREATED, object="model", owned_by="llmlab"),
-            Model(id=EMBEDDING_MODEL_ID, created=_CREATED, object="model", owned_by="llmlab"),
+        local = [
+            Model(id=name, created=_CREATED, object="model", owned_by="llmlab", **_limits(name)).model_dump(
+                mode="json"
+            )
+            for name in (CHAT_MODEL_ID, EMBEDDING_MODEL_ID)
         ]
-        for job in self.store.list_jobs():
-            if job["status"] == "succeeded" and job.get("fine_tuned_model"):
-                models.append(
-                    Model(
-                        id=job["fine_tuned_model"],
-                        created=job["finished_at"],
-                        object="model",
-                        owned_by="llmlab",
-                    )
-                )
-        return [m.model_dump(mode="json", exclude_none=True) for m in models]
+        tuned = [
+            j for j in self.store.list_jobs() if j["status"] == "succeeded" and j.get("fine_tuned_model")
+        ]
+        return local + _rendered(tuned, _tuned_model)
+
+
+def _limits(model: str) -> dict:
+    """What a chat model's listing adds: the cap on a request that sets no max_tokens."""
+    return {} if model == EMBEDDING_MODEL_ID else {"default_max_tokens": DEFAULT_MAX_TOKENS}
+
+
+def _tuned_model(job: dict) -> dict:
+    name = job["fine_tuned_model"]
+    return Model(
+        id=name, created=job["finished_at"], object="model", owned_by="llmlab", **_limits(name)
+    ).model_dump(mode="json")
 
 
 def _model_not_found(model: str) -> APIError:
@@ -160,108 +175,75 @@ def _model_not_found(model: str) -> APIError:
     )
 
 
-# -- request checking ----------------------------------------------------------------------------------------
-def _check(condition: bool, message: str, param: str) -> None:
-    if not condition:
-        raise APIError(400, message, param)
-
-
-def _number(body: dict, name: str, low: float, high: float, default: Any, integer: bool = False) -> Any:
-    value = body.get(name)
-    if value is None:
-        return default
-    ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
-    _check(
-        ok_type and not isinstance(value, bool),
-        f"'{name}' must be a {'integer' if integer else 'number'}.",
-        name,
-    )
-    _check(low <= value <= high, f"'{name}' must be between {low} and {high}, got {value}.", name)
-    return value
-
-
+# -- request pieces (the request models checked the types; these turn them into what the runtime takes) ------
 def _text_content(content: Any, param: str) -> str:
     """A message's content as text (a string, or a list of text parts); other parts are refused."""
     if content is None or isinstance(content, str):
         return content or ""
-    _check(isinstance(content, list), f"'{param}' must be a string or a list of content parts.", param)
-    texts = []
     for i, part in enumerate(content):
-        ok = isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-        _check(ok, f"Only text content parts are supported locally ('{param}.{i}').", f"{param}.{i}")
-        texts.append(part["text"])
-    return "".join(texts)
+        if part["type"] != "text":
+            raise APIError(
+                400, f"Only text content parts are supported locally ('{param}.{i}').", f"{param}.{i}"
+            )
+    return "".join(part["text"] for part in content)
 
 
 def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    _check(messages is not None, "Missing required parameter: 'messages'.", "messages")
-    _check(
-        isinstance(messages, list) and len(messages) > 0, "'messages' must be a non-empty list.", "messages"
-    )
-    checked = []
-    for i, message in enumerate(messages):
-        _check(isinstance(message, dict), f"'messages.{i}' must be an object.", f"messages.{i}")
-        role = message.get("role")
-        _check(
-            role in _ROLES,
-            f"Invalid 'messages.{i}.role': {role!r}; use one of {', '.join(_ROLES)}.",
-            f"messages.{i}.role",
+    """The (validated) messages of `body`, content as text, `developer` as `system`."""
+    return [
+        {
+            **message,
+            "role": "system" if message["role"] == "developer" else message["role"],
+            "content": _text_content(message.get("content"), f"messages.{i}.content"),
+        }
+        for i, message in enumerate(body["messages"])
+    ]
+
+
+def _generation_options(request: ChatCompletionRequest, runtime: Any) -> dict:
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = getattr(request, param)
+    if max_tokens is not None and max_tokens > runtime.context_length:
+        raise APIError(
+            400,
+            f"'{param}' must be at most {runtime.context_length} (the model's context), got {max_tokens}.",
+            param,
         )
-        content = _text_content(message.get("content"), f"messages.{i}.content")
-        checked.append({**message, "role": "system" if role == "developer" else role, "content": content})
-    return checked
-
-
-def _generation_options(body: dict, runtime: Any) -> dict:
-    stop = body.get("stop")
-    if isinstance(stop, str):
-        stop = [stop]
-    ok_stop = stop is None or (
-        isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
-    )
-    _check(ok_stop, "'stop' must be a string or a list of up to 4 non-empty strings.", "stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    param = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    if max_tokens is not None:
-        max_tokens = _number({param: max_tokens}, param, 1, runtime.context_length, None, integer=True)
     options = {
         "max_tokens": max_tokens,
-        "temperature": _number(body, "temperature", 0, 2, 1.0),
-        "top_p": _number(body, "top_p", 0, 1, 1.0),
-        "seed": _number(body, "seed", -(2**63), 2**63 - 1, None, integer=True),
-        "stop": stop or None,
+        "temperature": 1.0 if request.temperature is None else request.temperature,
+        "top_p": 1.0 if request.top_p is None else request.top_p,
+        "seed": request.seed,
+        "stop": [request.stop] if isinstance(request.stop, str) else request.stop or None,
+        "logprobs": _logprobs(request),
     }
-    schema = _json_schema(body.get("response_format"))
+    schema = _json_schema(request.response_format)
     if schema is not None:
         options["json_schema"] = schema
     return options
 
 
-def _json_schema(response_format: Any) -> dict | None:
+def _logprobs(request: ChatCompletionRequest) -> int | None:
+    """How many top alternatives to report per token (`top_logprobs`, default 0), None without `logprobs`."""
+    if not request.logprobs:
+        if request.top_logprobs is not None:
+            raise APIError(400, "'top_logprobs' is only allowed when 'logprobs' is true.", "top_logprobs")
+        return None
+    return request.top_logprobs or 0
+
+
+def _choice_logprobs(options: dict, entries: list[dict] | None) -> dict | None:
+    """A choice's `logprobs` (OpenAI's `ChoiceLogprobs`) when the request asked for them, else None."""
+    return None if options["logprobs"] is None else {"content": entries, "refusal": None}
+
+
+def _json_schema(response_format: ResponseFormat | None) -> dict | None:
     """The JSON schema that `response_format` asks for, or None for plain text."""
-    if response_format is None:
-        return None
-    _check(isinstance(response_format, dict), "'response_format' must be an object.", "response_format")
-    kind = response_format.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
+    if isinstance(response_format, JsonObjectFormat):
         return {"type": "object"}
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        ok = isinstance(spec, dict) and isinstance(spec.get("schema", {}), dict)
-        _check(
-            ok,
-            "'response_format.json_schema' must be an object with a 'schema'.",
-            "response_format.json_schema",
-        )
-        return spec.get("schema") or {"type": "object"}
-    raise APIError(
-        400,
-        f"Invalid 'response_format.type': {kind!r}; use text, json_object or json_schema.",
-        "response_format.type",
-    )
+    if isinstance(response_format, JsonSchemaFormat):
+        return response_format.json_schema.schema_ or {"type": "object"}
+    return None
 
 
 def _runtime_errors(call: Callable[[], Any]) -> Any:
@@ -273,31 +255,44 @@ def _runtime_errors(call: Callable[[], Any]) -> Any:
 
 
 def _as_api_error(exc: Exception) -> Exception:
-    from llmlab.local.runtime import ContextLengthExceeded
+    from llmlab.local.runtime import ContextLengthExceeded, GrammarError
+    from llmlab.local.toolcalls import ToolChoiceError, ToolSchemaError
 
     if isinstance(exc, ContextLengthExceeded):
         return APIError(400, str(exc), "messages", "context_length_exceeded")
+    if isinstance(exc, ToolSchemaError):
+        return APIError(400, str(exc), exc.param, "invalid_function_parameters")
+    if isinstance(exc, ToolChoiceError):
+        return APIError(400, str(exc), "tool_choice")
+    if isinstance(exc, GrammarError):
+        return APIError(400, f"Invalid schema for response_format: {exc}", "response_format")
     return exc
 
 
 # -- chat ----------------------------------------------------------------------------------------------------------
 def _chat(backend: LocalBackend, body: dict) -> dict | StreamingResponse:
-    model = body.get("model")
-    _check(isinstance(model, str) and bool(model), "Missing required parameter: 'model'.", "model")
+    from llmlab.local.legacy import LegacyError, modernize
+
+    request = parse(ChatCompletionRequest, body)  # the body as sent, legacy `functions` included
+    try:
+        body, legacy = modernize(body)
+    except LegacyError as exc:
+        raise APIError(400, str(exc), exc.param) from exc
+    if legacy:  # checked again in today's terms: `functions` became `tools`
+        request = parse(ChatCompletionRequest, body)
     messages = _messages(body)
-    served, adapter = backend.chat_target(model)
-    n = _number(body, "n", 1, 8, 1, integer=True)
-    stream = bool(body.get("stream"))
-    _check(n == 1 or not stream, "Streaming supports n=1 only.", "n")
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    served, adapter = backend.chat_target(request.model)
+    n = request.n or 1
+    stream = bool(request.stream)
+    include_usage = bool(request.stream_options and request.stream_options.include_usage)
     runtime = backend.models.chat()
-    options = _generation_options(body, runtime)
+    options = _generation_options(request, runtime)
     if options["max_tokens"] is None:
         room = runtime.context_length - runtime.prompt_tokens(messages, tools=body.get("tools") or None)
         options["max_tokens"] = max(1, min(DEFAULT_MAX_TOKENS, room))
     options["adapter"] = adapter
-    if body.get("tools"):
-        return _chat_with_tools(runtime, body, messages, options, served, stream, include_usage)
+    if request.tools:
+        return _chat_with_tools(runtime, body, messages, options, served, stream, include_usage, legacy)
     from llmlab.local.chat_format import render
 
     prompt = render(messages)
@@ -308,8 +303,9 @@ def _chat(backend: LocalBackend, body: dict) -> dict | StreamingResponse:
         seed = options["seed"] + index if options["seed"] is not None else None
         gen = _runtime_errors(lambda seed=seed: runtime.generate(prompt, **{**options, "seed": seed}))
         message = {"role": "assistant", "content": gen.text}
+        logprobs = _choice_logprobs(options, gen.logprobs)
         choices.append(
-            {"index": index, "message": message, "finish_reason": gen.finish_reason, "logprobs": None}
+            {"index": index, "message": message, "finish_reason": gen.finish_reason, "logprobs": logprobs}
         )
         completion_tokens += gen.completion_tokens
         prompt_tokens = gen.prompt_tokens
@@ -345,44 +341,38 @@ def _chat_with_tools(
     served: str,
     stream: bool,
     include_usage: bool,
+    legacy: bool,
 ) -> dict | StreamingResponse:
-    """Tool calls: `llmlab.local.toolcalls.complete_with_tools` answers, the server shapes the response."""
-    from llmlab.local.toolcalls import ToolChoiceError, complete_with_tools
+    """Tool calls: `llmlab.local.toolcalls.complete_with_tools` answers, the server shapes the response
+    (in the legacy `function_call` shape for a request with `functions`)."""
+    from llmlab.local.legacy import legacy_finish_reason, to_legacy
+    from llmlab.local.toolcalls import complete_with_tools
 
     tools = body["tools"]
-    _check(
-        isinstance(tools, list) and all(isinstance(t, dict) for t in tools),
-        "'tools' must be a list.",
-        "tools",
-    )
     parallel = body.get("parallel_tool_calls")
-    try:
-        done = _runtime_errors(
-            lambda: complete_with_tools(
-                runtime,
-                messages=messages,
-                tools=tools,
-                tool_choice=body.get("tool_choice") or "auto",
-                parallel_tool_calls=True if parallel is None else bool(parallel),
-                **{k: v for k, v in options.items() if k != "json_schema"},
-            )
+    done = _runtime_errors(
+        lambda: complete_with_tools(
+            runtime,
+            messages=messages,
+            tools=tools,
+            tool_choice=body.get("tool_choice") or "auto",
+            parallel_tool_calls=True if parallel is None else bool(parallel),
+            **{k: v for k, v in options.items() if k != "json_schema"},
         )
-    except ToolChoiceError as exc:
-        raise APIError(400, str(exc), "tool_choice") from exc
+    )
+    shape = to_legacy if legacy else lambda part: part
+    finish = legacy_finish_reason(done.finish_reason) if legacy else done.finish_reason
+    logprobs = _choice_logprobs(options, done.logprobs)
     if not stream:
-        choice = {
-            "index": 0,
-            "message": done.message(),
-            "finish_reason": done.finish_reason,
-            "logprobs": None,
-        }
+        choice = {"index": 0, "message": shape(done.message()), "finish_reason": finish, "logprobs": logprobs}
         return _completion(served, [choice], done.prompt_tokens, done.completion_tokens)
     chunks = _Chunks(served)
 
     def body_() -> Iterator[str]:
-        for delta in done.deltas():
-            yield chunks.sse([{"index": 0, "delta": delta, "finish_reason": None}])
-        yield chunks.sse([{"index": 0, "delta": {}, "finish_reason": done.finish_reason}])
+        for i, delta in enumerate(done.deltas()):
+            first = {"logprobs": logprobs} if i == 0 and logprobs else {}
+            yield chunks.sse([{"index": 0, "delta": shape(delta), "finish_reason": None, **first}])
+        yield chunks.sse([{"index": 0, "delta": {}, "finish_reason": finish}])
         if include_usage:
             yield chunks.sse([], _usage(done.prompt_tokens, done.completion_tokens))
         yield "data: [DONE]\n\n"
@@ -447,8 +437,11 @@ def _stream(
                 [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
             )
             while item[0] == "delta":
-                if item[1]:
-                    yield chunks.sse([{"index": 0, "delta": {"content": item[1]}, "finish_reason": None}])
+                delta = item[1]
+                if delta or delta.logprobs:
+                    logprobs = _choice_logprobs(options, delta.logprobs)
+                    choice = {"index": 0, "delta": {"content": str(delta)}, "finish_reason": None}
+                    yield chunks.sse([{**choice, **({"logprobs": logprobs} if logprobs else {})}])
                 item = events.get()
             if item[0] == "error":
                 error = {"message": f"{type(item[1]).__name__}: {item[1]}", "type": "server_error"}
@@ -467,8 +460,8 @@ def _stream(
 
 # -- embeddings ---------------------------------------------------------------------------------------------------
 def _embeddings(backend: LocalBackend, body: dict) -> dict:
-    model = body.get("model")
-    _check(isinstance(model, str) and bool(model), "Missing required parameter: 'model'.", "model")
+    request = parse(EmbeddingRequest, body)
+    model = request.model
     local = resolve_alias(model)
     if local == CHAT_MODEL_ID or model.startswith("ft:"):
         raise APIError(
@@ -476,31 +469,19 @@ def _embeddings(backend: LocalBackend, body: dict) -> dict:
         )
     if local != EMBEDDING_MODEL_ID:
         raise _model_not_found(model)
-    texts = body.get("input")
-    _check(texts is not None, "Missing required parameter: 'input'.", "input")
-    if isinstance(texts, str):
-        texts = [texts]
-    _check(
-        isinstance(texts, list) and len(texts) > 0,
-        "'input' must be a string or a non-empty list of strings.",
-        "input",
-    )
+    texts = [request.input] if isinstance(request.input, str) else request.input
     if not all(isinstance(t, str) for t in texts):
         raise APIError(
             400, "'input' must be text: token-id arrays are not supported by the local server.", "input"
         )
-    _check(len(texts) <= 2048, "'input' may hold at most 2048 texts per request.", "input")
-    _check(all(texts), "'input' must not contain empty strings.", "input")
-    if body.get("dimensions") is not None:
+    if request.dimensions is not None:
         raise APIError(
             400,
             f"{EMBEDDING_MODEL_ID} has a fixed size of 384 dimensions: 'dimensions' is not supported.",
             "dimensions",
         )
-    encoding = body.get("encoding_format") or "float"
-    _check(
-        encoding in ("float", "base64"), "'encoding_format' must be 'float' or 'base64'.", "encoding_format"
-    )
+    encoding = request.encoding_format or "float"
+    _check_input_lengths(texts)
     runtime = backend.models.embedding()
     vectors = runtime.embed(texts)
     tokens = runtime.count_tokens(texts)
@@ -520,13 +501,53 @@ def _embeddings(backend: LocalBackend, body: dict) -> dict:
     return response
 
 
+def _check_input_lengths(texts: list[str]) -> None:
+    """Refuse an input longer than OpenAI's limit, counted in OpenAI's tokens (a text of at most that many
+    UTF-8 bytes cannot exceed it, so only longer ones are counted)."""
+    from llmlab.tokens import count_tokens
+
+    for i, text in enumerate(texts):
+        if len(text.encode("utf-8")) > EMBEDDING_INPUT_LIMIT:
+            tokens = count_tokens(text, "text-embedding-3-small")
+            param = f"input[{i}]" if len(texts) > 1 else "input"
+            if tokens > EMBEDDING_INPUT_LIMIT:
+                raise APIError(
+                    400,
+                    f"'{param}' is {tokens} tokens long; the maximum input length is {EMBEDDING_INPUT_LIMIT} "
+                    "tokens. Please reduce the length of the input.",
+                    param,
+                )
+
+
 # -- fine-tuning -----------------------------------------------------------------------------------------------
 def _job(job: dict) -> dict:
     return FineTuningJob.model_validate(public(job)).model_dump(mode="json")
 
 
+def _rendered(records: list[dict], render: Callable[[dict], dict]) -> list[dict]:
+    """`render` of each stored record; one that no longer renders is skipped with a warning naming it."""
+    out = []
+    for record in records:
+        try:
+            out.append(render(record))
+        except ValueError as exc:
+            _log.warning(
+                "llmlab: skipping the stored record %s: it does not render: %s", record.get("id"), exc
+            )
+    return out
+
+
+def _event(event: dict) -> dict:
+    return FineTuningJobEvent.model_validate(event).model_dump(mode="json")
+
+
+def _checkpoint(checkpoint: dict) -> dict:
+    return FineTuningJobCheckpoint.model_validate(public(checkpoint)).model_dump(
+        mode="json", exclude_none=True
+    )
+
+
 def _page(items: list[dict], after: str | None, limit: int) -> dict:
-    _check(1 <= limit <= 10000, "'limit' must be between 1 and 10000.", "limit")
     page, has_more = paginate(items, after, limit)
     return {"object": "list", "data": page, "has_more": has_more}
 
@@ -551,9 +572,24 @@ def _file(record: dict) -> dict:
     return FileObject.model_validate(public(record)).model_dump(mode="json", exclude_none=True)
 
 
+def content_disposition(filename: str) -> str:
+    """An attachment header for any file name (RFC 6266): an ASCII fallback and the UTF-8 name.
+
+    >>> content_disposition('a"b\u00e9.txt')
+    'attachment; filename="a_b_.txt"; filename*=UTF-8\'\'a%22b%C3%A9.txt'
+    """
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"
+
+
 # -- the app ---------------------------------------------------------------------------------------------------
-def create_app(home: Path | str | None = None, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving the llmlab home `home` (default: `llmlab_home()`); `api_key` guards every request."""
+def create_app(
+    home: Path | str | None = None, api_key: str | None = None, allow_remote: bool = False
+) -> FastAPI:
+    """The FastAPI app serving the llmlab home `home` (default: `llmlab_home()`).
+
+    `api_key` guards every request; unless `allow_remote`, only loopback `Host` names are served.
+    """
     backend = LocalBackend(Path(home) if home else llmlab_home())
     app = FastAPI(
         title="llmlab local OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None
@@ -564,6 +600,7 @@ def create_app(home: Path | str | None = None, api_key: str | None = None) -> Fa
         _require_key(app, api_key)
     app.state.activity = Activity()
     app.add_middleware(_TrackActivity, activity=app.state.activity)
+    app.add_middleware(_Guard, allow_remote=allow_remote)  # added last: the outermost
 
     @app.get("/v1/models")
     def list_models() -> dict:
@@ -586,20 +623,17 @@ def create_app(home: Path | str | None = None, api_key: str | None = None) -> Fa
         return _embeddings(backend, request)
 
     @app.post("/v1/files")
-    def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> dict:
-        _check(
-            purpose in FILE_PURPOSES,
-            f"Invalid purpose {purpose!r}; use one of {', '.join(FILE_PURPOSES)}.",
-            "purpose",
-        )
+    def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[FilePurpose, Form()]) -> dict:
         return _file(backend.store.add_file(file.file.read(), file.filename or "upload", purpose))
 
     @app.get("/v1/files")
     def list_files(
-        purpose: str | None = None, after: str | None = None, limit: int = 10000, order: str = "desc"
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: Limit = 10000,
+        order: Literal["asc", "desc"] = "desc",
     ) -> dict:
-        _check(order in ("asc", "desc"), "'order' must be 'asc' or 'desc'.", "order")
-        files = [_file(f) for f in backend.store.list_files(purpose)]
+        files = _rendered(backend.store.list_files(purpose), _file)
         return _page(files if order == "desc" else files[::-1], after, limit)
 
     @app.get("/v1/files/{file_id}")
@@ -612,7 +646,7 @@ def create_app(home: Path | str | None = None, api_key: str | None = None) -> Fa
         return Response(
             backend.store.file_content(file_id),
             media_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{record["filename"]}"'},
+            headers={"Content-Disposition": content_disposition(record["filename"])},
         )
 
     @app.delete("/v1/files/{file_id}")
@@ -623,14 +657,15 @@ def create_app(home: Path | str | None = None, api_key: str | None = None) -> Fa
 
     @app.post("/v1/fine_tuning/jobs")
     def create_job(request: JsonBody) -> dict:
+        checked = parse(FineTuningJobRequest, request)
         try:
-            return _job(backend.jobs.create(request))
+            return _job(backend.jobs.create(checked))
         except JobRequestError as exc:
             raise APIError(exc.status, str(exc), exc.param, exc.code) from exc
 
     @app.get("/v1/fine_tuning/jobs")
-    def list_jobs(after: str | None = None, limit: int = 20) -> dict:
-        return _page([_job(j) for j in backend.store.list_jobs()], after, limit)
+    def list_jobs(after: str | None = None, limit: Limit = 20) -> dict:
+        return _page(_rendered(backend.store.list_jobs(), _job), after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
@@ -645,22 +680,14 @@ def create_app(home: Path | str | None = None, api_key: str | None = None) -> Fa
             raise APIError(exc.status, str(exc), exc.param, exc.code) from exc
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/events")
-    def job_events(job_id: str, after: str | None = None, limit: int = 20) -> dict:
+    def job_events(job_id: str, after: str | None = None, limit: Limit = 20) -> dict:
         _get_job(backend, job_id)
-        events = [
-            FineTuningJobEvent.model_validate(e).model_dump(mode="json")
-            for e in backend.store.list_events(job_id)
-        ]
-        return _page(events, after, limit)
+        return _page(_rendered(backend.store.list_events(job_id), _event), after, limit)
 
     @app.get("/v1/fine_tuning/jobs/{job_id}/checkpoints")
-    def job_checkpoints(job_id: str, after: str | None = None, limit: int = 10) -> dict:
+    def job_checkpoints(job_id: str, after: str | None = None, limit: Limit = 10) -> dict:
         _get_job(backend, job_id)
-        checkpoints = [
-            FineTuningJobCheckpoint.model_validate(public(c)).model_dump(mode="json", exclude_none=True)
-            for c in backend.store.list_checkpoints(job_id)
-        ]
-        return _page(checkpoints, after, limit)
+        return _page(_rendered(backend.checkpoints(job_id), _checkpoint), after, limit)
 
     return app
 
@@ -672,19 +699,12 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        loc = [str(part) for part in first.get("loc", ())[1:]]
-        if first.get("type") == "json_invalid":
-            message, param = "We could not parse the JSON body of your request: it is not valid JSON.", None
-        elif first.get("type") == "missing":
-            message, param = (
-                f"Missing required parameter: '{'.'.join(loc) or 'body'}'.",
-                ".".join(loc) or None,
-            )
-        else:
-            param = ".".join(loc) or None
-            message = f"Invalid value for '{param or 'body'}': {first.get('msg', 'invalid request')}."
-        return APIError(400, message, param).response()
+        errors = [{**e, "loc": tuple(e.get("loc", ()))[1:]} for e in exc.errors()]
+        if errors and errors[0].get("type") == "json_invalid":
+            message = "We could not parse the JSON body of your request: it is not valid JSON."
+            return APIError(400, message).response()
+        where = {str(e["loc"][0]): None for e in errors if e["loc"]}  # query and form fields: one level
+        return request_error(errors, where).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -694,12 +714,6 @@ def _install_error_handlers(app: FastAPI) -> None:
             else exc.detail
         )
         return APIError(exc.status_code, str(message)).response()
-
-    @app.exception_handler(Exception)
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(
-            500, f"The server had an error processing your request: {type(exc).__name__}: {exc}"
-        ).response()
 
 
 def _require_key(app: FastAPI, api_key: str) -> None:
@@ -714,6 +728,67 @@ def _require_key(app: FastAPI, api_key: str) -> None:
             )
             return APIError(401, message, None, "invalid_api_key").response()
         return await call_next(request)
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for a loopback host name, with or without a port: localhost, 127.x.y.z, ::1.
+
+    >>> [is_loopback(h) for h in ("localhost:8000", "127.0.0.1", "[::1]:80", "evil.example", None)]
+    [True, True, True, False, False]
+    """
+    name = (host or "").strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+class _Guard:
+    """The outermost middleware: who may call, and a 500 that keeps the connection open.
+
+    A request is refused (403) when its `Host` is not a loopback name (unless `allow_remote`: DNS
+    rebinding) or when a browser sends it from a page whose `Origin` is not loopback (a web page the
+    learner visits). An unexpected error is answered as OpenAI's 500 here rather than in Starlette's error
+    middleware, which re-raises and so closes a keep-alive connection.
+    """
+
+    def __init__(self, app: Any, allow_remote: bool) -> None:
+        self.app, self.allow_remote = app, allow_remote
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        refusal = None
+        if not self.allow_remote and "host" in headers and not is_loopback(headers["host"]):
+            refusal = APIError(
+                403, "Requests must be addressed to a loopback host.", None, "host_not_allowed"
+            )
+        elif "origin" in headers and not is_loopback(urlsplit(headers["origin"]).hostname):
+            refusal = APIError(403, "Cross-origin requests are refused.", None, "origin_not_allowed")
+        if refusal is not None:
+            return await refusal.response()(scope, receive, send)
+        started = False
+
+        async def tracked(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            _log.exception("unexpected error answering %s %s", scope["method"], scope["path"])
+            if started:
+                raise
+            message = f"The server had an error processing your request: {type(exc).__name__}: {exc}"
+            await APIError(500, message).response()(scope, receive, send)
 
 
 # -- running it ---------------------------------------------------------------------------------------------------
@@ -785,10 +860,11 @@ def serve(
 ) -> None:
     """Run the server in the foreground (the CLI checks the host) until stopped, or idle for `idle_timeout` s.
 
-    `on_ready(port)` runs once the port is bound, before the first request is read.
+    `on_ready(port)` runs once the port is bound, before the first request is read. Bound to a non-loopback
+    `host`, it answers any `Host` name (the CLI then requires an API key).
     """
     sock = bind(host, port)
-    app = create_app(home or llmlab_home(), api_key=api_key)
+    app = create_app(home or llmlab_home(), api_key=api_key, allow_remote=not is_loopback(host))
     config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30, timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     if idle_timeout:

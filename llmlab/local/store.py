@@ -1,6 +1,8 @@
 """The local server's store: uploaded files, fine-tuning jobs, their events and checkpoints, on disk.
 
-Layout under the llmlab home (every JSON document written atomically, so a crash never leaves half a file)::
+Layout under the llmlab home (every JSON document written atomically, so a crash never leaves half a file;
+a record that cannot be read all the same — torn by another tool, edited by hand — is skipped with a
+warning naming it, never overwritten, and the rest is served)::
 
     files/<file-id>            the uploaded bytes, exactly as received
     files/<file-id>.json       the FileObject as a dict
@@ -18,6 +20,7 @@ b'{"a": 1}\\n'
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import string
 import threading
@@ -29,6 +32,7 @@ from llmlab.paths import atomic_write_bytes, atomic_write_text
 
 _ALPHABET = string.ascii_letters + string.digits
 _FINISHED = ("succeeded", "failed", "cancelled")
+_log = logging.getLogger(__name__)
 
 
 def new_id(prefix: str, length: int = 24) -> str:
@@ -38,10 +42,6 @@ def new_id(prefix: str, length: int = 24) -> str:
     True
     """
     return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def public(record: dict) -> dict:
@@ -72,6 +72,27 @@ class Store:
         for folder in (self.files_dir, self.jobs_dir, self.adapters_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._warned: set[tuple[Path, float]] = set()
+
+    def _read(self, path: Path, required: tuple[str, ...] = ()) -> Any:
+        """The JSON record at `path`, or None (with one warning per version of the file) when it is unreadable
+        or lacks a `required` key."""
+        try:
+            record = json.loads(path.read_bytes())
+            if required and not (isinstance(record, dict) and all(k in record for k in required)):
+                raise ValueError(f"not a record with {', '.join(required)}")
+            return record
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, RecursionError) as exc:
+            try:
+                key = (path, path.stat().st_mtime)
+            except OSError:
+                key = (path, 0.0)
+            if key not in self._warned:
+                self._warned.add(key)
+                _log.warning("llmlab: skipping the unreadable record %s (%s); it is left as it is", path, exc)
+            return None
 
     # -- files -------------------------------------------------------------------------------------
     def add_file(self, data: bytes, filename: str, purpose: str) -> dict:
@@ -92,8 +113,7 @@ class Store:
         return record
 
     def get_file(self, file_id: str) -> dict | None:
-        path = self.files_dir / f"{file_id}.json"
-        return _read_json(path) if _safe_id(file_id) and path.is_file() else None
+        return self._read(self.files_dir / f"{file_id}.json", _FILE_KEYS) if _safe_id(file_id) else None
 
     def file_path(self, file_id: str) -> Path | None:
         return self.files_dir / file_id if self.get_file(file_id) else None
@@ -104,8 +124,8 @@ class Store:
 
     def list_files(self, purpose: str | None = None) -> list[dict]:
         """All files, newest first."""
-        records = [_read_json(p) for p in self.files_dir.glob("file-*.json")]
-        records = [r for r in records if purpose is None or r["purpose"] == purpose]
+        records = [self._read(p, _FILE_KEYS) for p in self.files_dir.glob("file-*.json")]
+        records = [r for r in records if r is not None and (purpose is None or r["purpose"] == purpose)]
         return sorted(records, key=lambda r: r["_created_ns"], reverse=True)
 
     def delete_file(self, file_id: str) -> bool:
@@ -136,13 +156,12 @@ class Store:
             return self.save_job(job)
 
     def get_job(self, job_id: str) -> dict | None:
-        path = self.job_dir(job_id) / "job.json"
-        return _read_json(path) if _safe_id(job_id) and path.is_file() else None
+        return self._read(self.job_dir(job_id) / "job.json", _JOB_KEYS) if _safe_id(job_id) else None
 
     def list_jobs(self) -> list[dict]:
         """All jobs, newest first."""
-        records = [_read_json(p) for p in self.jobs_dir.glob("*/job.json")]
-        return sorted(records, key=lambda r: r["_created_ns"], reverse=True)
+        records = [self._read(p, _JOB_KEYS) for p in self.jobs_dir.glob("*/job.json")]
+        return sorted((r for r in records if r is not None), key=lambda r: r["_created_ns"], reverse=True)
 
     # -- events and checkpoints ----------------------------------------------------------------------
     def add_event(
@@ -167,12 +186,12 @@ class Store:
         if not path.is_file():
             return []
         events = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in path.read_bytes().splitlines():
             try:
                 events.append(json.loads(line))
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8
                 continue
-        return events[::-1]
+        return [e for e in events if isinstance(e, dict)][::-1]
 
     def add_checkpoint(self, job_id: str, checkpoint: dict) -> dict:
         with self._lock:
@@ -182,8 +201,12 @@ class Store:
 
     def list_checkpoints(self, job_id: str) -> list[dict]:
         """The job's checkpoints, newest first."""
-        path = self.job_dir(job_id) / "checkpoints.json"
-        return _read_json(path)[::-1] if path.is_file() else []
+        checkpoints = self._read(self.job_dir(job_id) / "checkpoints.json") if _safe_id(job_id) else None
+        return [c for c in checkpoints if isinstance(c, dict)][::-1] if isinstance(checkpoints, list) else []
+
+
+_FILE_KEYS = ("id", "purpose", "filename", "_created_ns")
+_JOB_KEYS = ("id", "status", "_created_ns")
 
 
 def _safe_id(value: str) -> bool:

@@ -20,12 +20,18 @@ How it works:
 - "auto" → the model's own likelihood decides: P(the answer starts with the tool-call opener) against
   P(it starts with anything else), i.e. call when log P(opener) > log 0.5; an answer is then written as
   for "none". No keyword rules.
+- a tool's parameters with root-relative references (`$defs`/`$ref`, as pydantic and
+  `openai.pydantic_function_tool` write them) are re-rooted under the call's grammar; a schema the grammar
+  still cannot take is a `ToolSchemaError` naming the tool;
+- `max_tokens` bounds the whole turn, opener included; a call it cuts off is returned as far as it was
+  written, with finish_reason "length", as OpenAI does.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import string
 from collections.abc import Iterator
@@ -41,6 +47,15 @@ _JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separa
 
 class ToolChoiceError(ValueError):
     """A `tool_choice` that names no given tool, or an unknown mode (the server answers 400)."""
+
+
+class ToolSchemaError(ValueError):
+    """A tool whose parameters schema the grammar cannot take (the server answers 400 naming it)."""
+
+    def __init__(self, name: str, index: int | None, reason: str) -> None:
+        super().__init__(f"Invalid schema for function '{name}': {reason}")
+        self.name = name
+        self.param = "tools" if index is None else f"tools[{index}].function.parameters"
 
 
 @dataclass
@@ -69,6 +84,7 @@ class ToolCompletion:
     finish_reason: str = "stop"  # "stop" | "length" | "tool_calls"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[dict] | None = None  # per-token entries of a text answer, when asked for
 
     def message(self) -> dict:
         """OpenAI's assistant message: `{"role", "content", "tool_calls"?}`."""
@@ -176,11 +192,46 @@ def _closed(node: Any) -> Any:
     return out
 
 
+def _local_refs(node: Any) -> bool:
+    """True when the schema holds a `$ref` relative to its own root ("#…")."""
+    if isinstance(node, list):
+        return any(_local_refs(x) for x in node)
+    if not isinstance(node, dict):
+        return False
+    ref = node.get("$ref")
+    return (isinstance(ref, str) and ref.startswith("#")) or any(_local_refs(v) for v in node.values())
+
+
+def _rerooted(node: Any, base: str) -> Any:
+    """The schema with every root-relative `$ref` moved under the JSON pointer `base`.
+
+    >>> _rerooted({"items": {"$ref": "#/$defs/Item"}}, "/$defs/tool0")
+    {'items': {'$ref': '#/$defs/tool0/$defs/Item'}}
+    """
+    if isinstance(node, list):
+        return [_rerooted(x, base) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _rerooted(v, base) for k, v in node.items()}
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#"):
+        out["$ref"] = f"#{base}{ref[1:]}"
+    return out
+
+
 def call_schema(functions: list[dict]) -> dict:
-    """JSON schema of one call: `{"name": <tool>, "arguments": <that tool's parameters>}` for any tool."""
-    variants = []
-    for fn in functions:
+    """JSON schema of one call: `{"name": <tool>, "arguments": <that tool's parameters>}` for any tool.
+
+    A tool's parameters sit under the call's "arguments", where their root-relative references
+    (`"$ref": "#/$defs/Category"`, as pydantic writes them) would no longer resolve: such a schema moves
+    whole to the root's `$defs` (as `tool<i>`) and its references are re-rooted there.
+    """
+    variants, defs = [], {}
+    for i, fn in enumerate(functions):
         parameters = _closed(fn.get("parameters") or {"type": "object", "properties": {}})
+        if _local_refs(parameters):
+            defs[f"tool{i}"] = _rerooted(parameters, f"/$defs/tool{i}")
+            parameters = {"$ref": f"#/$defs/tool{i}"}
         variants.append(
             {
                 "type": "object",
@@ -190,7 +241,7 @@ def call_schema(functions: list[dict]) -> dict:
             }
         )
     schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    return {"x-guidance": _JSON_STYLE, **schema}
+    return {"x-guidance": _JSON_STYLE, **({"$defs": defs} if defs else {}), **schema}
 
 
 def call_grammar(functions: list[dict], parallel: bool) -> str:
@@ -223,6 +274,22 @@ class ToolPlan:
     call_logprob: float | None = None  # log P(opener) when "auto" decided
 
 
+def _check_schemas(runtime: Any, tools: list[dict], grammar: str) -> None:
+    """Compile `grammar` (the runtime caches it); a schema it cannot take is a `ToolSchemaError` naming
+    the tool (found by compiling each tool alone, only when the whole grammar failed)."""
+    try:
+        runtime.check_grammar(grammar)
+    except ValueError as whole:
+        functions = _tool_functions(tools)
+        for index, fn in enumerate(functions):
+            try:
+                runtime.check_grammar(call_grammar([fn], parallel=False))
+            except ValueError as exc:
+                raise ToolSchemaError(fn["name"], index, str(exc)) from exc
+        names = ", ".join(fn["name"] for fn in functions)
+        raise ToolSchemaError(names, None, str(whole)) from whole
+
+
 def plan(
     runtime: Any,
     *,
@@ -232,10 +299,15 @@ def plan(
     adapter: str | None = None,
     parallel_tool_calls: bool = True,
 ) -> ToolPlan:
-    """Render the prompt and decide between calling a tool and answering (see the module docstring)."""
+    """Render the prompt and decide between calling a tool and answering (see the module docstring).
+
+    Raises `ToolChoiceError` for a bad `tool_choice` and `ToolSchemaError` for a schema the grammar
+    cannot take, whatever the decision.
+    """
     mode, functions = _chosen(tools, tool_choice)
     prompt = chat_format.render(messages, tools=tools, add_generation_prompt=True)
     grammar = call_grammar(functions, parallel_tool_calls)
+    _check_schemas(runtime, tools, grammar)
     if mode == "none":
         return ToolPlan(prompt, None)
     if mode == "call":
@@ -244,36 +316,81 @@ def plan(
     return ToolPlan(prompt, grammar if lp > math.log(0.5) else None, lp)
 
 
-def _call_key(piece: str) -> str | None:
-    """A complete call's identity (name and arguments, key order ignored), or None while it is incomplete."""
+def _decoded(piece: str, syntax: CallSyntax) -> dict | None:
+    """The call object written in `piece` when it is complete (a partly written separator or closer may
+    follow it), else None.
+
+    >>> _decoded('{"name": "f", "arguments": {}}\\n</tool', call_syntax())
+    {'name': 'f', 'arguments': {}}
+    """
     try:
-        obj = json.loads(piece)
+        obj, end = json.JSONDecoder().raw_decode(piece)
     except json.JSONDecodeError:
         return None
-    return json.dumps(obj, sort_keys=True) if isinstance(obj, dict) else None
+    tail = piece[end:]
+    complete = isinstance(obj, dict) and (syntax.separator.startswith(tail) or syntax.closer.startswith(tail))
+    return obj if complete else None
+
+
+def _call_key(piece: str, syntax: CallSyntax) -> str | None:
+    """A complete call's identity (name and arguments, key order ignored), or None while it is incomplete."""
+    obj = _decoded(piece, syntax)
+    return None if obj is None else json.dumps(obj, sort_keys=True)
 
 
 def _parse_calls(text: str, syntax: CallSyntax) -> list[ToolCall]:
-    """The calls in the generated text: complete ones only (a call cut off by max_tokens is dropped), and
-    each distinct call once (a repeat of an earlier call of the same turn is dropped)."""
+    """The complete calls in the generated text, each distinct call once (a repeat of an earlier call of the
+    same turn is dropped); a call cut off by max_tokens is `_cut_call`'s."""
     calls, seen = [], set()
     for piece in text.removesuffix(syntax.closer).split(syntax.separator):
-        key = _call_key(piece)
+        key = _call_key(piece, syntax)
         if key is None:
-            break  # cut off by max_tokens
+            break
         if key in seen:
             continue
         seen.add(key)
-        obj = json.loads(piece)
+        obj = json.loads(key)
         calls.append(ToolCall(new_call_id(), obj["name"], json.dumps(obj["arguments"], ensure_ascii=False)))
     return calls
+
+
+# The start of a call as the grammar writes it (name first, fixed separators), cut off anywhere.
+_CUT = re.compile(r'(?:\{"name": "(?P<name>[^"]*)(?P<closed>")?(?:, "arguments": (?P<arguments>.*))?)?', re.S)
+
+
+@dataclass(frozen=True)
+class CutCall:
+    """A call that max_tokens cut off: the text before its name, its name and arguments as far as written."""
+
+    head: str
+    name: str
+    name_complete: bool
+    arguments: str
+
+
+def _cut_call(text: str, syntax: CallSyntax) -> CutCall | None:
+    """The call that max_tokens cut off at the end of `text`, or None when the last call is complete.
+
+    >>> _cut_call('{"name": "get_weather", "arguments": {"city": "Par', call_syntax())
+    CutCall(head='', name='get_weather', name_complete=True, arguments='{"city": "Par')
+    """
+    last = text.removesuffix(syntax.closer).split(syntax.separator)[-1]
+    if _decoded(last, syntax) is not None:
+        return None
+    found = _CUT.match(last)
+    return CutCall(
+        text[: len(text) - len(last)],
+        found["name"] or "",
+        found["closed"] is not None,
+        found["arguments"] or "",
+    )
 
 
 def _repeats(text: str, syntax: CallSyntax) -> bool:
     """True when the last call in `text` is complete and repeats an earlier call."""
     *earlier, last = text.removesuffix(syntax.closer).split(syntax.separator)
-    key = _call_key(last) if earlier else None
-    return key is not None and key in {_call_key(p) for p in earlier}
+    key = _call_key(last, syntax) if earlier else None
+    return key is not None and key in {_call_key(p, syntax) for p in earlier}
 
 
 def _generate_calls(runtime: Any, prompt: str, grammar: str, **sampling: Any) -> tuple[str, int]:
@@ -291,6 +408,17 @@ def _generate_calls(runtime: Any, prompt: str, grammar: str, **sampling: Any) ->
         deltas.close()
 
 
+def _finish_name(runtime: Any, prompt: str, cut: CutCall, functions: list[dict], adapter: str | None) -> str:
+    """The tool a cut-off call was naming: the one name that fits what was written, else the likeliest."""
+    if cut.name_complete:
+        return cut.name
+    names = [f["name"] for f in functions if f["name"].startswith(cut.name)] or [f["name"] for f in functions]
+    if len(names) == 1:
+        return names[0]
+    head = f'{prompt}{cut.head}{{"name": "{cut.name}'
+    return max(names, key=lambda n: runtime.logprob(head, n[len(cut.name) :] + '"', adapter=adapter))
+
+
 def complete_with_tools(
     runtime: Any,
     *,
@@ -298,16 +426,21 @@ def complete_with_tools(
     tools: list[dict],
     tool_choice: str | dict | None = "auto",
     adapter: str | None = None,
-    max_tokens: int = 256,
+    max_tokens: int | None = 256,
     temperature: float = 1.0,
     top_p: float = 1.0,
     seed: int | None = None,
     stop: list[str] | None = None,
     parallel_tool_calls: bool = True,
+    logprobs: int | None = None,
 ) -> ToolCompletion:
     """Answer a chat-completions request that has `tools`: text, or tool calls with valid arguments.
 
-    Raises `ToolChoiceError` for a `tool_choice` that names no given tool.
+    `max_tokens` bounds the whole turn, tool-call opener included (None: the room left in the context).
+    A call cut off by it comes back as far as it was written, with finish_reason "length" (as OpenAI
+    does). `logprobs` (the number of top alternatives) adds per-token log-probabilities to a text answer.
+    Raises `ToolChoiceError` for a `tool_choice` that names no given tool, `ToolSchemaError` for a
+    tool schema the grammar cannot take.
     """
     chosen = plan(
         runtime,
@@ -317,26 +450,31 @@ def complete_with_tools(
         adapter=adapter,
         parallel_tool_calls=parallel_tool_calls,
     )
-    sampling = {
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "seed": seed,
-        "adapter": adapter,
-    }
+    sampling = {"temperature": temperature, "top_p": top_p, "seed": seed, "adapter": adapter}
     syntax = call_syntax()
     if chosen.grammar is None:
         gen = runtime.generate(
             chosen.prompt,
             stop=[*(stop or []), syntax.opener.strip()],
             lark_grammar=ANSWER_GRAMMAR,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
             **sampling,
         )
-        return ToolCompletion(gen.text, [], gen.finish_reason, gen.prompt_tokens, gen.completion_tokens)
-    text, generated = _generate_calls(runtime, chosen.prompt + syntax.opener, chosen.grammar, **sampling)
-    prompt_tokens = runtime.count_tokens(chosen.prompt)
-    completion_tokens = generated + runtime.count_tokens(syntax.opener)
+        return ToolCompletion(
+            gen.text, [], gen.finish_reason, gen.prompt_tokens, gen.completion_tokens, gen.logprobs
+        )
+    opener = runtime.count_tokens(syntax.opener)
+    budget = None if max_tokens is None else max(0, max_tokens - opener)
+    prompt = chosen.prompt + syntax.opener
+    text, generated = _generate_calls(runtime, prompt, chosen.grammar, max_tokens=budget, **sampling)
+    completion_tokens = opener + generated if max_tokens is None else min(max_tokens, opener + generated)
     calls = _parse_calls(text, syntax)
-    # A call cut off by max_tokens is dropped; the complete calls before it are still returned.
-    finish = "tool_calls" if calls else "length"
-    return ToolCompletion(None, calls, finish, prompt_tokens, completion_tokens)
+    cut = _cut_call(text, syntax)
+    finish = "tool_calls"
+    if cut is not None and (cut.head != text or not calls):  # a call was started, or none was finished
+        _, functions = _chosen(tools, tool_choice)
+        name = _finish_name(runtime, prompt, cut, functions, adapter)
+        calls.append(ToolCall(new_call_id(), name, cut.arguments))
+        finish = "length"
+    return ToolCompletion(None, calls, finish, runtime.count_tokens(chosen.prompt), completion_tokens)

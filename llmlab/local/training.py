@@ -4,6 +4,8 @@
 ...                     out_dir=home / "adapters" / "job-1")  # doctest: +SKIP
 >>> runtime.load_adapter("my-model", result.adapter_dir)  # doctest: +SKIP
 
+Examples may be a list or a `JsonlExamples` (a file read line by line when needed): training holds only
+the current batch, each batch encoded when it is used, so memory is bounded by the batch, not the file.
 Examples are rendered by `chat_format.render_pieces` (the same text inference sees) and the loss covers
 only assistant tokens (the content and the closing `<|im_end|>`; `weight: 0` turns are skipped). Training
 runs on `runtime.base_view()`: a second module tree over the serving model's own frozen weight tensors,
@@ -14,13 +16,16 @@ full-vocabulary logits (the bulk of the memory) small.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,41 @@ class TrainResult:
     valid_loss: float | None
     steps: int
     cancelled: bool
+
+
+class JsonlExamples(Sequence):
+    """The examples of a (validated) JSONL file, each read from disk when asked for: only line offsets are held.
+
+    >>> examples = JsonlExamples(DATA_DIR / "qa_train.jsonl")  # doctest: +SKIP
+    >>> examples[0]["messages"][-1]["role"]  # doctest: +SKIP
+    'assistant'
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path, self._offsets, at = Path(path), array("q"), 0
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    self._offsets.append(at)
+                at += len(raw)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> dict:  # type: ignore[override]
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[index])
+            return _parse(f.readline())
+
+    def __iter__(self) -> Iterator[dict]:
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    yield _parse(raw)
+
+
+def _parse(raw: bytes) -> dict:
+    return json.loads(raw.removeprefix(b"\xef\xbb\xbf"))  # a byte-order mark some editors write
 
 
 def encode_example(tokenizer: Any, example: dict) -> tuple[list[int], list[bool]]:
@@ -145,23 +185,45 @@ def _save_adapter(peft_model: Any, dest: Path) -> Path:
     return dest
 
 
-def _mean_loss(model: Any, batches: list[dict[str, torch.Tensor]]) -> float | None:
-    count = sum(len(b["targets"]) for b in batches)
-    if not count:
-        return None
+def _chunks(items: Sequence[dict], size: int) -> Iterator[list[dict]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _mean_loss(model: Any, tokenizer: Any, examples: Sequence[dict], pad_id: int) -> float | None:
+    """The mean loss per target token over `examples`, encoded a chunk at a time."""
+    total, count = 0.0, 0
     with torch.no_grad():
-        return sum(float(batch_loss(model, b)) for b in batches) / count
+        for chunk in _chunks(examples, 64):
+            for batch in _micro_batches([encode_example(tokenizer, ex) for ex in chunk], pad_id):
+                total += float(batch_loss(model, batch))
+                count += len(batch["targets"])
+    return total / count if count else None
+
+
+def _learnable(
+    tokenizer: Any, examples: Sequence[dict], should_stop: Callable[[], bool] | None
+) -> array | None:
+    """The indices of the examples that have a token to learn, or None when `should_stop()` said stop."""
+    usable = array("q")
+    for i, example in enumerate(examples):
+        if should_stop is not None and should_stop():
+            return None
+        if any(encode_example(tokenizer, example)[1][1:]):
+            usable.append(i)
+    return usable
 
 
 def train_lora(
     runtime: Any,
-    examples: list[dict],
+    examples: Sequence[dict],
     *,
     n_epochs: int = 3,
     batch_size: int = 4,
     learning_rate: float = DEFAULT_LEARNING_RATE,
     seed: int | None = None,
-    validation_examples: list[dict] | None = None,
+    validation_examples: Sequence[dict] | None = None,
     out_dir: str | os.PathLike,
     on_step: Callable[[StepInfo], None] | None = None,
     on_epoch: Callable[[EpochInfo], None] | None = None,
@@ -171,8 +233,8 @@ def train_lora(
     """Train a LoRA adapter (r=16, alpha=32, every linear layer of the decoder, AdamW, linear decay).
 
     Saves `out_dir/checkpoint-epoch-N` after each epoch and the final adapter in `out_dir`.
-    `should_stop()` is polled before every step; when it returns True training stops at once
-    (`cancelled=True`, no final adapter). Same seed, same data -> same adapter. `threads`: torch
+    `should_stop()` is polled before every example while the examples are read and before every step;
+    when it returns True training stops at once (`cancelled=True`, no final adapter). Same seed, same data -> same adapter. `threads`: torch
     threads of the calling thread while it trains (default `runtime.torch_threads()`; restored after).
     """
     previous = torch.get_num_threads()
@@ -197,12 +259,12 @@ def train_lora(
 
 def _train(
     runtime: Any,
-    examples: list[dict],
+    examples: Sequence[dict],
     n_epochs: int,
     batch_size: int,
     learning_rate: float,
     seed: int | None,
-    validation_examples: list[dict] | None,
+    validation_examples: Sequence[dict] | None,
     out_dir: Path,
     on_step: Callable[[StepInfo], None] | None,
     on_epoch: Callable[[EpochInfo], None] | None,
@@ -212,13 +274,12 @@ def _train(
 
     seed = random.randrange(2**31) if seed is None else seed
     tokenizer = runtime.tokenizer
-    train = [encode_example(tokenizer, ex) for ex in examples]
-    train = [item for item in train if any(item[1][1:])]
-    if not train:
+    usable = _learnable(tokenizer, examples, should_stop)
+    if usable is None:
+        return TrainResult(None, 0, None, None, 0, True)
+    if not usable:
         raise ValueError("No example has an assistant message to learn from.")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    valid = [encode_example(tokenizer, ex) for ex in validation_examples or []]
-    valid_batches = _micro_batches(valid, pad_id)
 
     torch.manual_seed(seed)  # the LoRA A matrices are initialised from it
     config = LoraConfig(
@@ -232,7 +293,7 @@ def _train(
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(train) / batch_size)
+    steps_per_epoch = math.ceil(len(usable) / batch_size)
     total_steps = steps_per_epoch * n_epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / total_steps)
     order_rng = random.Random(seed)
@@ -240,13 +301,13 @@ def _train(
     train_loss = valid_loss = None
     base = model.base_model.model  # the LlamaForCausalLM holding the LoRA layers
     for epoch in range(1, n_epochs + 1):
-        order = list(range(len(train)))
+        order = array("q", usable)
         order_rng.shuffle(order)
         epoch_sum, epoch_count = 0.0, 0
         for start in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():
                 return TrainResult(None, trained_tokens, train_loss, valid_loss, step, True)
-            items = [train[i] for i in order[start : start + batch_size]]
+            items = [encode_example(tokenizer, examples[i]) for i in order[start : start + batch_size]]
             micro = _micro_batches(items, pad_id)
             count = sum(len(m["targets"]) for m in micro)
             optimizer.zero_grad(set_to_none=True)
@@ -262,9 +323,9 @@ def _train(
             epoch_sum, epoch_count = epoch_sum + loss_sum, epoch_count + count
             last = start + batch_size >= len(order)
             step_valid = None
-            if last and valid_batches:
+            if last and validation_examples:
                 model.eval()
-                step_valid = valid_loss = _mean_loss(base, valid_batches)
+                step_valid = valid_loss = _mean_loss(base, tokenizer, validation_examples, pad_id)
                 model.train()
             if on_step is not None:
                 on_step(StepInfo(step, total_steps, epoch, loss_sum / count, step_valid, trained_tokens))
