@@ -72,7 +72,7 @@ class JobRunner:
         self.get_runtime = get_runtime
         self._queue: queue.Queue[str] = queue.Queue()
         self._cancelled: set[str] = set()
-        self.owner = Owner(store.jobs_dir)
+        self.owner = Owner(store.home)
         self._worker = threading.Thread(target=self._work, name="llmlab-finetune", daemon=True)
         self._worker.start()
         self.recover()
@@ -142,7 +142,7 @@ class JobRunner:
     def recover(self) -> None:
         """Mark the active jobs whose server is gone as failed (another live server's jobs are left alone)."""
         for job in self.store.list_jobs():
-            if job["status"] in ACTIVE and not owner_alive(self.store.jobs_dir, job.get("_owner")):
+            if job["status"] in ACTIVE and not owner_alive(self.store.home, job.get("_owner")):
                 message = "The server stopped while this job was running; create the job again."
                 self._finish(
                     job["id"],
