@@ -98,7 +98,20 @@ def request_error(errors: list[dict], body: Any) -> APIError:
         )
         return APIError(400, f"Invalid type for '{where}': expected {' or '.join(wanted)}.", param)
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"Invalid value for '{where}': {message}.", param)
+    return APIError(400, f"Invalid value for '{where}'{_tool_named(body, param)}: {message}.", param)
+
+
+def _tool_named(body: Any, param: str | None) -> str:
+    """ " (tool 'name')" when `param` points inside one of the request's tools or functions, else ""."""
+    parts = (param or "").split(".")
+    if len(parts) < 3 or parts[0] not in ("tools", "functions") or not parts[1].isdigit():
+        return ""
+    try:
+        entry = body[parts[0]][int(parts[1])]
+        name = entry["function"]["name"] if parts[0] == "tools" else entry["name"]
+    except (KeyError, IndexError, TypeError):
+        return ""
+    return f" (tool {name!r})" if isinstance(name, str) else ""
 
 
 Request = TypeVar("Request", bound=BaseModel)
