@@ -1,4 +1,4 @@
-"""The `llmlab` command: `llmlab doctor`, `llmlab serve`, `llmlab validate FILE.jsonl`.
+"""The `llmlab` command: `llmlab doctor`, `llmlab serve`, `llmlab status`, `llmlab stop`, `llmlab validate FILE.jsonl`.
 
 Also `python -m llmlab ...` (the same command where `.venv/bin` is not on the PATH).
 
@@ -13,6 +13,7 @@ import ipaddress
 import os
 import socket
 import sys
+from pathlib import Path
 
 import llmlab
 
@@ -37,11 +38,6 @@ def _port_taken(host: str, port: int) -> bool:
                 return True
             raise
     return False
-
-
-def _base_url(host: str, port: int) -> str:
-    """The `OPENAI_BASE_URL` of a server on `host`:`port` (an IPv6 address in brackets)."""
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -78,14 +74,49 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    from llmlab.local.server import serve
+    from llmlab.local.process import serve_foreground
 
-    print(
-        f"llmlab serve: clients connect with OPENAI_BASE_URL={_base_url(args.host, args.port)} and "
-        + ("OPENAI_API_KEY set to the --api-key" if api_key else "any non-empty OPENAI_API_KEY"),
-        flush=True,
-    )
-    serve(host=args.host, port=args.port, api_key=api_key)
+    def ready(record) -> None:
+        key = "the --api-key" if api_key else f'"key" in {Path(record.home) / "server.json"}'
+        print(
+            f"llmlab serve: clients connect with OPENAI_BASE_URL={record.url} and OPENAI_API_KEY set to {key} "
+            f"(pid {record.pid}; `llmlab stop` stops it)",
+            flush=True,
+        )
+
+    try:
+        serve_foreground(
+            host=args.host, port=args.port, api_key=api_key, idle_timeout=args.idle_timeout, on_ready=ready
+        )
+    except RuntimeError as error:
+        print(f"llmlab serve: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"llmlab serve: cannot listen on {args.host}:{args.port}: {error.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and raises it again
+        pass
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from llmlab.local.process import server_status
+
+    status = server_status()
+    for name, value in status.items():
+        print(f"{name:<14}{value}")
+    return 0 if status["server"] == "running" else 1
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from llmlab.local.process import stop_server
+    from llmlab.paths import llmlab_home
+
+    record = stop_server()
+    if record is None:
+        print(f"llmlab stop: no server was running for {llmlab_home()}")
+    else:
+        print(f"llmlab stop: stopped the server at {record.url} (pid {record.pid})")
     return 0
 
 
@@ -119,7 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         "--allow-remote", action="store_true", help="allow a non-loopback host (needs an API key)"
     )
     serve.add_argument("--api-key", help="require this key on every request (or set LLMLAB_API_KEY)")
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long with no request and no active job (default: never)",
+    )
     serve.set_defaults(run=_serve)
+    commands.add_parser("status", help="show the local server of LLMLAB_HOME").set_defaults(run=_status)
+    commands.add_parser("stop", help="stop the local server of LLMLAB_HOME").set_defaults(run=_stop)
     validate = commands.add_parser("validate", help="check a chat fine-tuning JSONL file")
     validate.add_argument("file", help="the JSONL file to check, one training example per line")
     validate.add_argument("--model", default=None, help="the model to count tokens and context for")

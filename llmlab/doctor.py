@@ -1,6 +1,7 @@
 """Check that everything llmlab needs is in place, and say how to fix what is not.
 
 >>> report = doctor()          # doctest: +SKIP   (prints a table; report.ok is False when something is missing)
+>>> doctor(lab)                # doctest: +SKIP   (also the lab's endpoint, its models and what works there)
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llmlab.connect import choose_backend
+from llmlab.connect import CAPABILITIES, Lab, choose_backend
 from llmlab.models import CHAT_MODEL_ID, minilm_path, smollm2_gguf_path
 from llmlab.paths import llmlab_home
 
@@ -85,6 +86,32 @@ def _size(path) -> str:
     return f"{total / 1e6:.0f} MB"
 
 
+def _lab_checks(lab: Lab) -> list[Check]:
+    """The lab's endpoint, the models it lists, and which capabilities work there."""
+    checks = [Check("endpoint", True, f"{lab.backend} backend at {lab.base_url}")]
+    try:
+        ids = [m.id for m in lab.client.models.list()]
+        checks.append(Check("models", True, ", ".join(ids) or "none listed"))
+    except Exception as error:  # any failure to answer is the finding itself
+        checks.append(Check("models", False, f"GET /models failed: {error}", "is the server running?"))
+        return checks
+    for capability in CAPABILITIES:
+        works = lab.supports(capability)
+        detail = "works here" if works else "not offered by this server: the notebooks that need it skip it"
+        fix = "" if works else "use the local backend (connect('local')) or OpenAI for it"
+        checks.append(Check(capability.replace("_", "-"), works, detail, fix))
+    return checks
+
+
+def _local_server() -> Check:
+    from llmlab.local.process import find_server
+
+    record = find_server()
+    if record is None:
+        return Check("local server", True, "not running: connect() starts it (one per LLMLAB_HOME)")
+    return Check("local server", True, f"running at {record.url} (pid {record.pid}), shared by every kernel")
+
+
 def home_relative(path: Path) -> str:
     """`path` as `~/...` when it is under the home folder: a saved notebook does not show the machine's layout.
 
@@ -97,8 +124,8 @@ def home_relative(path: Path) -> str:
         return str(path)
 
 
-def run_checks() -> DoctorReport:
-    """Every check, as a `DoctorReport` (no output)."""
+def run_checks(lab: Lab | None = None) -> DoctorReport:
+    """Every check, as a `DoctorReport` (no output); with `lab`, also its endpoint and what works there."""
     report = DoctorReport()
     add = report.checks.append
     try:
@@ -106,6 +133,8 @@ def run_checks() -> DoctorReport:
         add(Check("backend", True, f"connect() would use the {backend} backend: {why}"))
     except (RuntimeError, ValueError) as error:
         add(Check("backend", False, str(error)))
+    if lab is not None:
+        report.checks.extend(_lab_checks(lab))
 
     gguf = smollm2_gguf_path()
     add(
@@ -140,6 +169,7 @@ def run_checks() -> DoctorReport:
             "" if writable else "export LLMLAB_HOME=/a/writable/folder",
         )
     )
+    add(_local_server())
     cache = home / "weights" / CHAT_MODEL_ID
     add(
         Check(
@@ -164,9 +194,10 @@ def run_checks() -> DoctorReport:
     return report
 
 
-def doctor() -> DoctorReport:
-    """Print which backend `connect()` would choose, the model files, the weight cache and library versions."""
-    report = run_checks()
+def doctor(lab: Lab | None = None) -> DoctorReport:
+    """Print which backend `connect()` would choose, the model files, the local server, the weight cache and
+    library versions; with `lab`, also its endpoint, its models and what works there."""
+    report = run_checks(lab)
     if "ipykernel" not in sys.modules:
         print(report)
     return report

@@ -1,7 +1,8 @@
 """Shared test fixtures: ONE local server (real models) and ONE small fine-tuning job for the whole session.
 
 The session runs in a temporary `LLMLAB_HOME`, whose `weights/` links to the user's weight cache so the
-GGUF is dequantized once per machine, not once per test run.
+GGUF is dequantized once per machine, not once per test run. The home's server is a process of its own,
+shared by the tests and by the notebooks' kernels (they inherit `LLMLAB_HOME`); it is stopped at exit.
 
 >>> def test_something(lab):             # doctest: +SKIP
 ...     lab.client.chat.completions.create(model=lab.chat_model, messages=[...])
@@ -23,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite tests the local backend (OpenAI-only paths use a mocked transport, said in those tests): a key in
 # the developer's environment must not send the notebooks, which nbval runs in kernels that inherit it, to OpenAI.
 os.environ.pop("OPENAI_API_KEY", None)
+os.environ.pop("OPENAI_BASE_URL", None)  # nor may a base URL send them to another server
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 TEST_HOME = Path(tempfile.mkdtemp(prefix="llmlab-test-home-"))
 os.environ["LLMLAB_HOME"] = str(TEST_HOME)
@@ -30,6 +32,15 @@ _WEIGHTS = Path(os.environ.get("LLMLAB_WEIGHTS_CACHE") or Path.home() / ".cache"
 _WEIGHTS.mkdir(parents=True, exist_ok=True)
 (TEST_HOME / "weights").symlink_to(_WEIGHTS, target_is_directory=True)
 atexit.register(shutil.rmtree, TEST_HOME, ignore_errors=True)
+
+
+def _stop_session_server() -> None:
+    from llmlab.local.process import stop_server
+
+    stop_server(TEST_HOME)
+
+
+atexit.register(_stop_session_server)  # atexit runs last-in first-out: the server stops before its home goes
 
 REPO = Path(__file__).resolve().parent.parent
 # tests/browser/widgets.ipynb is opened by tests/test_browser.py in a real browser: nbval must not run it too
@@ -56,6 +67,15 @@ def client(lab):
 def base_url(lab) -> str:
     """The local server's base URL, like http://127.0.0.1:PORT/v1."""
     return lab.base_url.rstrip("/")
+
+
+@pytest.fixture(scope="session")
+def http(lab):
+    """An `httpx.Client` that sends the session server's key (for raw HTTP requests to `base_url`)."""
+    import httpx
+
+    with httpx.Client(headers={"Authorization": f"Bearer {lab.client.api_key}"}, timeout=600) as client:
+        yield client
 
 
 def wait_for_job(client, job_id: str, until=("succeeded", "failed", "cancelled"), timeout: float = 3600.0):

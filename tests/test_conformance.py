@@ -154,7 +154,7 @@ def test_a_schema_the_grammar_cannot_take_is_a_400_naming_the_tool(client):
             max_tokens=5,
             response_format={"type": "json_schema", "json_schema": {"name": "remote", "schema": remote}},
         )
-    assert caught.value.body["param"] == "response_format"
+    assert caught.value.body["param"] == "response_format.json_schema.schema"
     ok = client.chat.completions.create(model=MODEL, messages=EXPENSE, max_tokens=2)  # still serving
     assert ok.choices[0].message.content
 

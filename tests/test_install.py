@@ -221,6 +221,8 @@ def test_serve_on_a_port_in_use_says_so_before_starting(capsys):
 def test_serve_prints_the_base_url_and_serves_there(tmp_path):
     import openai
 
+    from llmlab.local.process import read_record
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -236,7 +238,8 @@ def test_serve_prints_the_base_url_and_serves_there(tmp_path):
         first = proc.stdout.readline()
         url = f"http://127.0.0.1:{port}/v1"
         assert f"OPENAI_BASE_URL={url}" in first, first
-        client = openai.OpenAI(base_url=url, api_key="x", max_retries=20)
+        key = read_record(tmp_path / "home").key  # every request carries the server's key (issue 15)
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=20)
         assert any(m.id for m in client.models.list())
     finally:
         proc.terminate()

@@ -164,9 +164,9 @@ def test_embeddings_sdk_default_base64_equals_float(client):
     assert np.allclose(one.data[0].embedding, b[0], atol=1e-5)
 
 
-def test_embeddings_raw_base64_is_little_endian_float32(base_url):
+def test_embeddings_raw_base64_is_little_endian_float32(base_url, http):
     body = {"model": EMBEDDING_MODEL_ID, "input": "hello", "encoding_format": "base64"}
-    data = httpx.post(f"{base_url}/embeddings", json=body).json()["data"][0]["embedding"]
+    data = http.post(f"{base_url}/embeddings", json=body).json()["data"][0]["embedding"]
     assert np.frombuffer(base64.b64decode(data), dtype="<f4").shape == (384,)
 
 
@@ -196,16 +196,16 @@ def test_unknown_model_is_404_model_not_found(client):
     still_serving(client)
 
 
-def test_malformed_json_and_missing_fields_are_400_with_param(client, base_url):
-    bad = httpx.post(
+def test_malformed_json_and_missing_fields_are_400_with_param(client, base_url, http):
+    bad = http.post(
         f"{base_url}/chat/completions", content=b'{"model": ', headers={"Content-Type": "application/json"}
     )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
-    missing = httpx.post(f"{base_url}/chat/completions", json={"messages": USER})
+    missing = http.post(f"{base_url}/chat/completions", json={"messages": USER})
     assert missing.status_code == 400 and missing.json()["error"]["param"] == "model"
     for body, param in [
         ({"model": "gpt-4o-mini"}, "messages"),
-        ({"model": "gpt-4o-mini", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "gpt-4o-mini", "messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"model": "gpt-4o-mini", "messages": USER, "temperature": 5}, "temperature"),
         ({"model": "gpt-4o-mini", "messages": USER, "max_tokens": 0}, "max_tokens"),
         (
@@ -213,11 +213,11 @@ def test_malformed_json_and_missing_fields_are_400_with_param(client, base_url):
             "response_format.type",
         ),
     ]:
-        response = httpx.post(f"{base_url}/chat/completions", json=body)
+        response = http.post(f"{base_url}/chat/completions", json=body)
         assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
-    upload = httpx.post(f"{base_url}/files", files={"file": ("a.jsonl", b"{}")})
+    upload = http.post(f"{base_url}/files", files={"file": ("a.jsonl", b"{}")})
     assert upload.status_code == 400 and upload.json()["error"]["param"] == "purpose"
-    route = httpx.get(f"{base_url}/no/such/route")
+    route = http.get(f"{base_url}/no/such/route")
     assert route.status_code == 404 and "error" in route.json()
     still_serving(client)
 

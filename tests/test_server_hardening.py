@@ -135,11 +135,11 @@ def test_malformed_chat_fields_are_400_before_any_model_work(fresh):
         ({"stream_options": [1]}, "stream_options"),
         ({"stream": True, "stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
         ({"tools": "x"}, "tools"),
-        ({"tools": ["x"]}, "tools.0"),
-        ({"tools": tool({"type": "bogus"})}, "tools.0.function.parameters"),
-        ({"tools": tool({"type": "object", "properties": 5})}, "tools.0.function.parameters"),
-        ({"tools": tool(deep)}, "tools.0.function.parameters"),
-        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools.0.function.name"),
+        ({"tools": ["x"]}, "tools[0]"),
+        ({"tools": tool({"type": "bogus"})}, "tools[0].function.parameters"),
+        ({"tools": tool({"type": "object", "properties": 5})}, "tools[0].function.parameters"),
+        ({"tools": tool(deep)}, "tools[0].function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools[0].function.name"),
         (
             {
                 "response_format": {
@@ -159,7 +159,7 @@ def test_malformed_chat_fields_are_400_before_any_model_work(fresh):
         ({"metadata": {"a": 1}}, "metadata.a"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-            "messages.0.content.0",
+            "messages[0].content[0]",
         ),
         ({"messages": "hi"}, "messages"),
         ({"messages": []}, "messages"),

@@ -25,6 +25,7 @@ from typing import Any
 
 from openai.types.fine_tuning import FineTuningJob
 
+from llmlab.local.owner import Owner, owner_alive
 from llmlab.local.requests import FineTuningJobRequest
 from llmlab.local.store import Store, new_id, public
 from llmlab.models import CHAT_MODEL_ID, resolve_alias
@@ -71,6 +72,7 @@ class JobRunner:
         self.get_runtime = get_runtime
         self._queue: queue.Queue[str] = queue.Queue()
         self._cancelled: set[str] = set()
+        self.owner = Owner(store.home)
         self._worker = threading.Thread(target=self._work, name="llmlab-finetune", daemon=True)
         self._worker.start()
         self.recover()
@@ -110,6 +112,7 @@ class JobRunner:
             "metadata": request.metadata,
             "_requested_model": model,
             "_created_ns": now,
+            "_owner": self.owner.id,
         }
         FineTuningJob.model_validate(public(job))  # what is stored must render: checked before it is
         self.store.job_dir(job["id"]).mkdir(parents=True, exist_ok=True)
@@ -137,9 +140,9 @@ class JobRunner:
         return job
 
     def recover(self) -> None:
-        """Mark the jobs that were active when the previous server stopped as failed."""
+        """Mark the active jobs whose server is gone as failed (another live server's jobs are left alone)."""
         for job in self.store.list_jobs():
-            if job["status"] in ACTIVE:
+            if job["status"] in ACTIVE and not owner_alive(self.store.home, job.get("_owner")):
                 message = "The server stopped while this job was running; create the job again."
                 self._finish(
                     job["id"],
@@ -326,7 +329,8 @@ class JobRunner:
 
     def _finish(self, job_id: str, status: str, message: str, error: dict | None = None) -> dict:
         job = self.store.update_job(job_id, status=status, finished_at=int(time.time()), error=error)
-        self.store.add_event(job_id, message, level="error" if status == "failed" else "info")
+        if job["status"] == status:  # a job that had already finished otherwise keeps its status and events
+            self.store.add_event(job_id, message, level="error" if status == "failed" else "info")
         return job
 
 

@@ -54,7 +54,7 @@ class APIError(Exception):
 
 # -- turning pydantic's errors into OpenAI's -------------------------------------------------------------------
 def _param(body: Any, loc: tuple, missing: bool) -> str | None:
-    """The dotted path of `loc` inside `body`: the labels pydantic adds for union members are dropped."""
+    """The path of `loc` inside `body` as OpenAI writes it (`messages[0].role`); union labels are dropped."""
     path, node = [], body
     for i, part in enumerate(loc):
         inside = (isinstance(node, dict) and isinstance(part, str) and part in node) or (
@@ -64,8 +64,8 @@ def _param(body: Any, loc: tuple, missing: bool) -> str | None:
             node = node[part]
         elif not (missing and i == len(loc) - 1):
             continue
-        path.append(str(part))
-    return ".".join(path) or None
+        path.append(f"[{part}]" if isinstance(part, int) else f".{part}")
+    return "".join(path).removeprefix(".") or None
 
 
 def request_error(errors: list[dict], body: Any) -> APIError:
@@ -103,12 +103,12 @@ def request_error(errors: list[dict], body: Any) -> APIError:
 
 def _tool_named(body: Any, param: str | None) -> str:
     """ " (tool 'name')" when `param` points inside one of the request's tools or functions, else ""."""
-    parts = (param or "").split(".")
-    if len(parts) < 3 or parts[0] not in ("tools", "functions") or not parts[1].isdigit():
+    found = re.match(r"(tools|functions)\[(\d+)\]\.", param or "")
+    if not found:
         return ""
     try:
-        entry = body[parts[0]][int(parts[1])]
-        name = entry["function"]["name"] if parts[0] == "tools" else entry["name"]
+        entry = body[found[1]][int(found[2])]
+        name = entry["function"]["name"] if found[1] == "tools" else entry["name"]
     except (KeyError, IndexError, TypeError):
         return ""
     return f" (tool {name!r})" if isinstance(name, str) else ""

@@ -3,9 +3,9 @@
 Responses are built from the `openai.types` models, errors have OpenAI's body
 ``{"error": {"message", "type", "param", "code"}}``; the models load on first use.
 
->>> base_url, stop = start_in_thread()          # doctest: +SKIP
+>>> base_url, stop = serve_app_in_thread(create_app(api_key="k"))  # doctest: +SKIP
 >>> from openai import OpenAI
->>> client = OpenAI(base_url=base_url, api_key="local")  # doctest: +SKIP
+>>> client = OpenAI(base_url=base_url, api_key="k")  # doctest: +SKIP
 >>> client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}])  # doctest: +SKIP
 """
 
@@ -183,7 +183,7 @@ def _text_content(content: Any, param: str) -> str:
     for i, part in enumerate(content):
         if part["type"] != "text":
             raise APIError(
-                400, f"Only text content parts are supported locally ('{param}.{i}').", f"{param}.{i}"
+                400, f"Only text content parts are supported locally ('{param}[{i}]').", f"{param}[{i}]"
             )
     return "".join(part["text"] for part in content)
 
@@ -194,7 +194,7 @@ def _messages(body: dict) -> list[dict]:
         {
             **message,
             "role": "system" if message["role"] == "developer" else message["role"],
-            "content": _text_content(message.get("content"), f"messages.{i}.content"),
+            "content": _text_content(message.get("content"), f"messages[{i}].content"),
         }
         for i, message in enumerate(body["messages"])
     ]
@@ -598,6 +598,8 @@ def create_app(
     _install_error_handlers(app)
     if api_key:
         _require_key(app, api_key)
+    app.state.activity = Activity()
+    app.add_middleware(_TrackActivity, activity=app.state.activity)
     app.add_middleware(_Guard, allow_remote=allow_remote)  # added last: the outermost
 
     @app.get("/v1/models")
@@ -790,20 +792,91 @@ class _Guard:
 
 
 # -- running it ---------------------------------------------------------------------------------------------------
-def serve(host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
-    """Run the server in the foreground (what `llmlab serve` does; the CLI checks the host).
+class Activity:
+    """Requests in flight and when the last one ended: what a server's idle shutdown watches."""
 
-    Bound to a non-loopback `host`, it answers any `Host` name (the CLI then requires an API key).
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.last = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        return 0.0 if self.in_flight else time.monotonic() - self.last
+
+
+class _TrackActivity:
+    """ASGI middleware counting requests until their last byte is sent (a long stream counts as activity)."""
+
+    def __init__(self, app: Any, activity: Activity) -> None:
+        self.app, self.activity = app, activity
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        self.activity.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.activity.in_flight -= 1
+            self.activity.last = time.monotonic()
+
+
+def idle_seconds(app: FastAPI) -> float:
+    """Seconds since `app` last answered a request; 0 while a request or a fine-tuning job is active."""
+    from llmlab.local.jobs import ACTIVE
+
+    if any(job["status"] in ACTIVE for job in app.state.backend.store.list_jobs()):
+        return 0.0
+    return app.state.activity.idle_seconds()
+
+
+def _stop_when_idle(app: FastAPI, server: uvicorn.Server, idle_timeout: float) -> None:
+    while not server.should_exit:
+        time.sleep(min(5.0, idle_timeout / 4))
+        if idle_seconds(app) >= idle_timeout:
+            server.should_exit = True
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A socket bound to `host`:`port` (0 = a free port); OSError (EADDRINUSE) when the port is taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key: str | None = None,
+    *,
+    home: Path | str | None = None,
+    idle_timeout: float | None = None,
+    on_ready: Callable[[int], None] | None = None,
+    log_level: str = "info",
+) -> None:
+    """Run the server in the foreground (the CLI checks the host) until stopped, or idle for `idle_timeout` s.
+
+    `on_ready(port)` runs once the port is bound, before the first request is read. Bound to a non-loopback
+    `host`, it answers any `Host` name (the CLI then requires an API key).
     """
-    app = create_app(llmlab_home(), api_key=api_key, allow_remote=not is_loopback(host))
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    sock = bind(host, port)
+    app = create_app(home or llmlab_home(), api_key=api_key, allow_remote=not is_loopback(host))
+    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    if idle_timeout:
+        threading.Thread(target=_stop_when_idle, args=(app, server, idle_timeout), daemon=True).start()
+    if on_ready is not None:
+        on_ready(sock.getsockname()[1])
+    server.run(sockets=[sock])
 
 
 def serve_app_in_thread(app: FastAPI, port: int = 0) -> tuple[str, Callable[[], None]]:
     """Serve `app` on 127.0.0.1:`port` (0 = a free port) in a daemon thread; (base_url, stop)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock = bind("127.0.0.1", port)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30))
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="llmlab-server", daemon=True
@@ -821,13 +894,3 @@ def serve_app_in_thread(app: FastAPI, port: int = 0) -> tuple[str, Callable[[], 
 
     atexit.register(stop)
     return f"http://127.0.0.1:{sock.getsockname()[1]}/v1", stop
-
-
-def start_in_thread(home: Path | str | None = None, port: int = 0) -> tuple[str, Callable[[], None]]:
-    """Start the server for `home` (default `llmlab_home()`) in a background thread; (base_url, stop).
-
-    >>> base_url, stop = start_in_thread()   # doctest: +SKIP
-    >>> base_url                              # doctest: +SKIP
-    'http://127.0.0.1:53187/v1'
-    """
-    return serve_app_in_thread(create_app(home), port)

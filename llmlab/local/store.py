@@ -31,6 +31,7 @@ from typing import Any
 from llmlab.paths import atomic_write_bytes, atomic_write_text
 
 _ALPHABET = string.ascii_letters + string.digits
+_FINISHED = ("succeeded", "failed", "cancelled")
 _log = logging.getLogger(__name__)
 
 
@@ -144,11 +145,13 @@ class Store:
         return job
 
     def update_job(self, job_id: str, **changes: Any) -> dict:
-        """Apply `changes` to the stored job and return it."""
+        """Apply `changes` to the stored job and return it; a finished job never changes again."""
         with self._lock:
             job = self.get_job(job_id)
             if job is None:
                 raise KeyError(job_id)
+            if job["status"] in _FINISHED:
+                return job
             job.update(changes)
             return self.save_job(job)
 

@@ -1,0 +1,151 @@
+"""Benchmark the shared local backend (one server per LLMLAB_HOME) against one server per kernel, same run.
+
+    python bench/bench_backend.py           # writes bench/results/backend.json
+
+- memory: two notebook kernels (Python processes) both use chat and embeddings, then one runs a
+  tutorial-size LoRA job (16 examples of data/qa_train.jsonl, batch 4, one epoch) while the other stays
+  open. Reported: the sum of every process's peak resident memory (VmHWM; an upper bound of the total's
+  peak) — shared: the two kernels + the one server process (target < 1.5 GB); baseline: each kernel with a
+  server of its own in its process (what `connect()` did before).
+- `connect()`: the first one in a fresh home (starts the server; returns once it answers /v1/models,
+  target < 2 s) and one when the server already runs (median of 5, target < 0.5 s).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TRAIN = (REPO / "data" / "qa_train.jsonl").read_text().splitlines()[:16]
+TARGET_MB, FIRST_CONNECT_S, CONNECT_S = 1536, 2.0, 0.5
+
+
+def _home() -> Path:
+    """A fresh llmlab home that shares the user's weight cache (no second dequantization)."""
+    home = Path(tempfile.mkdtemp(prefix="llmlab-bench-"))
+    atexit.register(shutil.rmtree, home, ignore_errors=True)
+    weights = Path.home() / ".cache" / "llmlab" / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    (home / "weights").symlink_to(weights, target_is_directory=True)
+    return home
+
+
+def _peak_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def kernel(mode: str, train: bool) -> None:
+    """One notebook kernel: chat + embeddings, then (if `train`) a fine-tune; prints its own peak RSS."""
+    from openai import OpenAI
+
+    if mode == "shared":
+        import llmlab
+
+        client = llmlab.connect(quiet=True).client
+    else:  # the baseline: a server in this process, as connect() used to start
+        from llmlab.local.server import create_app, serve_app_in_thread
+
+        url, _ = serve_app_in_thread(create_app())
+        client = OpenAI(base_url=url, api_key="local")
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=16, temperature=0
+    )
+    client.embeddings.create(model="text-embedding-3-small", input=TRAIN)
+    if train:
+        upload = client.files.create(file=("t.jsonl", "\n".join(TRAIN).encode()), purpose="fine-tune")
+        hyper = {"n_epochs": 1, "batch_size": 4}
+        job = client.fine_tuning.jobs.create(
+            model="gpt-4o-mini",
+            training_file=upload.id,
+            method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        )
+        while job.status not in ("succeeded", "failed", "cancelled"):
+            time.sleep(0.5)
+            job = client.fine_tuning.jobs.retrieve(job.id)
+        assert job.status == "succeeded", job.error
+    else:
+        sys.stdin.readline()  # stays open (its memory counted) until the other kernel's job is done
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+
+
+def two_kernels(mode: str) -> dict:
+    """Run the two kernels of `mode` in a fresh home; the peaks of every process of the kit."""
+    from llmlab.local.process import read_record, stop_server
+
+    home = _home()
+    env = {**os.environ, "LLMLAB_HOME": str(home), "PYTHONPATH": str(REPO)}
+    args = [sys.executable, __file__, "--kernel", mode]
+    idle = subprocess.Popen([*args, "0"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    trainer = subprocess.Popen([*args, "1"], env=env, stdout=subprocess.PIPE, text=True)
+    peaks = {
+        "training_kernel_mb": json.loads(trainer.communicate(timeout=1800)[0].splitlines()[-1])["peak_mb"]
+    }
+    record = read_record(home)
+    if record is not None:
+        peaks["server_mb"] = _peak_mb(record.pid)
+    peaks["other_kernel_mb"] = json.loads(idle.communicate("\n", timeout=60)[0].splitlines()[-1])["peak_mb"]
+    stop_server(home)
+    return {**peaks, "total_mb": sum(peaks.values())}
+
+
+def connect_times() -> dict:
+    home = _home()
+    os.environ["LLMLAB_HOME"] = str(home)
+    import llmlab
+    from llmlab.local.process import stop_server
+
+    started = time.perf_counter()
+    llmlab.connect(quiet=True)
+    first = time.perf_counter() - started
+    again = []
+    for _ in range(5):
+        started = time.perf_counter()
+        llmlab.connect(quiet=True)
+        again.append(time.perf_counter() - started)
+    stop_server(home)
+    return {"first_connect_s": first, "connect_when_running_s": statistics.median(again)}
+
+
+def main() -> None:
+    shared, baseline = two_kernels("shared"), two_kernels("own")
+    times = connect_times()
+    results = {
+        "memory": {
+            "shared_server": shared,
+            "server_per_kernel": baseline,
+            "ratio": shared["total_mb"] / baseline["total_mb"],
+            "target_mb": TARGET_MB,
+            "within_target": shared["total_mb"] < TARGET_MB,
+        },
+        "connect": {
+            **times,
+            "targets_s": {"first": FIRST_CONNECT_S, "when_running": CONNECT_S},
+            "within_target": times["first_connect_s"] < FIRST_CONNECT_S
+            and times["connect_when_running_s"] < CONNECT_S,
+        },
+        "machine": {"cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]},
+    }
+    out = REPO / "bench" / "results" / "backend.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--kernel"]:
+        kernel(sys.argv[2], sys.argv[3] == "1")
+    else:
+        main()
