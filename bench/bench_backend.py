@@ -13,32 +13,21 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _homes import fresh_home
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TRAIN = (REPO / "data" / "qa_train.jsonl").read_text().splitlines()[:16]
 TARGET_MB, FIRST_CONNECT_S, CONNECT_S = 1536, 2.0, 0.5
-
-
-def _home() -> Path:
-    """A fresh llmlab home that shares the user's weight cache (no second dequantization)."""
-    home = Path(tempfile.mkdtemp(prefix="llmlab-bench-"))
-    atexit.register(shutil.rmtree, home, ignore_errors=True)
-    weights = Path.home() / ".cache" / "llmlab" / "weights"
-    weights.mkdir(parents=True, exist_ok=True)
-    (home / "weights").symlink_to(weights, target_is_directory=True)
-    return home
 
 
 def _peak_mb(pid: int) -> float:
@@ -86,7 +75,7 @@ def two_kernels(mode: str) -> dict:
     """Run the two kernels of `mode` in a fresh home; the peaks of every process of the kit."""
     from llmlab.local.process import read_record, stop_server
 
-    home = _home()
+    home = fresh_home()
     env = {**os.environ, "LLMLAB_HOME": str(home), "PYTHONPATH": str(REPO)}
     args = [sys.executable, __file__, "--kernel", mode]
     idle = subprocess.Popen([*args, "0"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -103,7 +92,7 @@ def two_kernels(mode: str) -> dict:
 
 
 def connect_times() -> dict:
-    home = _home()
+    home = fresh_home()
     os.environ["LLMLAB_HOME"] = str(home)
     import llmlab
     from llmlab.local.process import stop_server

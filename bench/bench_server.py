@@ -11,17 +11,16 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from _homes import fresh_home
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,16 +32,6 @@ TEXTS = [  # every message of the Q&A training file: ~180 short texts, like a no
     for line in (REPO / "data" / "qa_train.jsonl").read_text().splitlines()
     for m in json.loads(line)["messages"]
 ]
-
-
-def _home() -> Path:
-    """A fresh llmlab home that shares the user's weight cache (no second dequantization)."""
-    home = Path(tempfile.mkdtemp(prefix="llmlab-bench-"))
-    atexit.register(shutil.rmtree, home, ignore_errors=True)
-    weights = Path.home() / ".cache" / "llmlab" / "weights"
-    weights.mkdir(parents=True, exist_ok=True)
-    (home / "weights").symlink_to(weights, target_is_directory=True)
-    return home
 
 
 def _rss_mb() -> float:
@@ -114,7 +103,7 @@ def bench_embeddings(client) -> dict:
 
 def memory_child() -> None:
     """In a fresh process: serve chat + embeddings, then train a tutorial-size job; print peak RSS (MB)."""
-    backend, client, stop = _start(_home())
+    backend, client, stop = _start(fresh_home())
     client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=16)
     client.embeddings.create(model="text-embedding-3-small", input=TEXTS[:64])
     serving = _rss_mb()
@@ -147,7 +136,7 @@ def memory_child() -> None:
 
 
 def main() -> None:
-    backend, client, stop = _start(_home())
+    backend, client, stop = _start(fresh_home())
     chat = bench_chat(backend, client)
     embeddings = bench_embeddings(client)
     stop()

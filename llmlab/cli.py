@@ -9,22 +9,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import ipaddress
 import os
 import socket
 import sys
 from pathlib import Path
 
 import llmlab
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from llmlab.local.loopback import is_loopback
 
 
 def _port_taken(host: str, port: int) -> bool:
@@ -54,7 +45,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("LLMLAB_API_KEY")
-    if not _is_loopback(args.host):
+    if not is_loopback(args.host):
         if not args.allow_remote:
             print(
                 f"llmlab serve: refusing to listen on {args.host}: only loopback addresses are allowed "

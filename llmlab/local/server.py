@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import ipaddress
 import json
 import logging
 import queue
@@ -37,6 +36,7 @@ from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmlab.local.jobs import JobRequestError, JobRunner
+from llmlab.local.loopback import is_loopback
 from llmlab.local.requests import (
     APIError,
     ChatCompletionRequest,
@@ -728,25 +728,6 @@ def _require_key(app: FastAPI, api_key: str) -> None:
             )
             return APIError(401, message, None, "invalid_api_key").response()
         return await call_next(request)
-
-
-def is_loopback(host: str | None) -> bool:
-    """True for a loopback host name, with or without a port: localhost, 127.x.y.z, ::1.
-
-    >>> [is_loopback(h) for h in ("localhost:8000", "127.0.0.1", "[::1]:80", "evil.example", None)]
-    [True, True, True, False, False]
-    """
-    name = (host or "").strip().lower()
-    if name.startswith("["):
-        name = name[1 : name.find("]")]
-    elif name.count(":") == 1:
-        name = name.partition(":")[0]
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 class _Guard:
