@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from llmlab.local.chat_format import END, render  # noqa: E402
+from llmlab.local.engine_onnx import OnnxEngine, build_onnx_model, engine_name  # noqa: E402
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, minilm_path, smollm2_gguf_path  # noqa: E402
 from llmlab.paths import llmlab_home  # noqa: E402
 
@@ -169,6 +170,27 @@ class TextDelta(str):
         return delta
 
 
+def build_folder_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Make folder `target` by `fill(tmp)` on a temp folder beside it, then a rename: it appears complete or
+    not at all. When another process made `target` first, its folder is kept.
+
+    >>> build_folder_atomically(tmp_path / "x", lambda tmp: (tmp / "a").write_text("1")).name  # doctest: +SKIP
+    'x'
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the rename succeeded
+    return target
+
+
 def _build_cache(target: Path) -> None:
     """Dequantize the GGUF once and save it as safetensors; the folder appears complete or not at all."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -181,17 +203,12 @@ def _build_cache(target: Path) -> None:
     model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model until its quantizer marks go
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "model.safetensors").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the rename succeeded
+
+    build_folder_atomically(target, fill)
 
 
 @contextmanager
@@ -328,6 +345,8 @@ class ChatRuntime:
         self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.prompt_cache = PromptCache()
         self.threads = torch_threads()
+        self.engine = engine_name()  # "onnx": plain generation of the base model on ONNX Runtime GenAI
+        self._onnx: Any = None
 
     # -- loading --------------------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
@@ -343,6 +362,8 @@ class ChatRuntime:
             }
             self._eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([END])}
             self._tokenizer = tokenizer
+            if self.engine == "onnx":
+                self._onnx = OnnxEngine(build_onnx_model(self.home), threads=self.threads)
             self._model = model
 
     @property
@@ -545,6 +566,19 @@ class ChatRuntime:
         self.prompt_cache.keep(adapter, ids, cache)
         return logits, cache
 
+    def _decoder(
+        self, ids: list[int], adapter: str | None, max_tokens: int, constrained: bool
+    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+        """Read the prompt `ids`: (its next-token logits, `advance(token)` giving the logits after one more).
+
+        The ONNX engine (`LLMLAB_ENGINE=onnx`) serves the base model's unconstrained generation; adapters
+        and constrained decoding (tool calls, JSON modes) stay on torch for now, which also keeps the prompt
+        cache. Call with the lock held and `adapter` in use."""
+        if self._onnx is not None and adapter is None and not constrained:
+            return self._onnx.start(ids, max_length=len(ids) + max_tokens + 1)
+        logits, cache = self._read_prompt(ids, adapter)
+        return logits[-1], lambda token: self._forward([token], cache)[-1]
+
     def stream(
         self,
         prompt: str,
@@ -579,8 +613,7 @@ class ChatRuntime:
         tokens: list[int] = []
         text, emitted, finish = "", 0, "length"
         with self._lock, self._using(adapter):
-            logits, cache = self._read_prompt(ids, adapter)
-            logits = logits[-1]
+            logits, advance = self._decoder(ids, adapter, max_tokens, constrained=matcher is not None)
             while len(tokens) < max_tokens:
                 if matcher is not None:
                     self._mask(logits, matcher)
@@ -606,7 +639,7 @@ class ChatRuntime:
                     yield TextDelta(text[emitted:safe], handout and handout.through(text[:safe]))
                     emitted = safe
                 if len(tokens) < max_tokens:
-                    logits = self._forward([token], cache)[-1]
+                    logits = advance(token)
         rest = handout and handout.rest(text)
         if len(text) > emitted or rest:
             yield TextDelta(text[emitted:], rest)
