@@ -1,0 +1,201 @@
+"""Benchmark the chat engines side by side in one run: ours on torch fp32, ours on ONNX Runtime GenAI int8
+(`LLMLAB_ENGINE=onnx`), and llama.cpp (the prebuilt `xllamacpp` wheel, `bench` extra) on the same GGUF.
+
+    python bench/bench_engine.py                # prints a table, writes bench/results/engine.json
+    python bench/bench_engine.py --per-kind 0   # speed only, no quality guard
+
+Speed, one and two threads: decode tokens/s of 128 greedy tokens after a ~90-token chat prompt, and prompt
+reading tokens/s of a ~600-token prompt. Ours is timed through `ChatRuntime.generate` (our own decoding loop,
+stop handling and detokenizing included), llama.cpp through `Server.handle_completions` with its prompt cache
+off; both on the same prompt token ids, wall time, best of `--repeats`. Decode tokens/s = (n - 1) / (T(n) -
+T(1)) with T(k) the time to generate k tokens; prompt tokens/s = prompt length / T(1).
+
+Quality guard: the greedy answers of fp32 and int8 to the course's questions (`load_questions`), scored with
+the course's rule (`contains_facts`), asked plainly and with the question's handbook page as context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _homes import fresh_home  # noqa: E402
+
+from llmlab.compare import contains_facts, load_questions  # noqa: E402
+from llmlab.index import Hit  # noqa: E402
+from llmlab.local.chat_format import render  # noqa: E402
+from llmlab.local.engine_onnx import build_onnx_model  # noqa: E402
+from llmlab.local.runtime import ChatRuntime, PromptCache  # noqa: E402
+from llmlab.models import smollm2_gguf_path  # noqa: E402
+from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text  # noqa: E402
+from llmlab.rag import build_prompt  # noqa: E402
+
+SYSTEM = (
+    "You are the friendly assistant of Fernhollow, a company of 400 people. Answer employees' questions "
+    "clearly and kindly, in plain English, with short paragraphs. When you tell a story, make it vivid, "
+    "with names, places and a clear beginning, middle and end."
+)
+CHAT = render(
+    [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Write a long story about a lighthouse keeper."},
+    ]
+)
+HANDBOOK = "\n\n".join(
+    (DATA_DIR / "handbook" / name).read_text() for name in ("leave.md", "travel.md", "expenses.md")
+)
+DECODE_TOKENS = 128
+LONG_TOKENS = 600
+Timer = Callable[[list[int], int], tuple[int, float]]  # (prompt ids, max tokens) -> (tokens made, seconds)
+
+
+def best(fn: Callable[[], int], repeats: int) -> tuple[int, float]:
+    """(fn's result, its fastest wall time of `repeats` calls): noise on a shared machine only adds time."""
+    times, out = [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return out, min(times)
+
+
+def speeds(timer: Timer, chat: list[int], long: list[int], repeats: int) -> dict:
+    """Decode and prompt-reading tokens/s of one engine at one thread count."""
+    made, total = best(lambda: timer(chat, DECODE_TOKENS), repeats)
+    _, first = best(lambda: timer(chat, 1), repeats)
+    _, reading = best(lambda: timer(long, 1), repeats)
+    return {
+        "decode_tokens": made,
+        "decode_tok_s": round((made - 1) / (total - first), 1),
+        "prompt_tokens": len(long),
+        "prompt_tok_s": round(len(long) / reading, 1),
+    }
+
+
+def ours(home: Path, engine: str, threads: int) -> tuple[ChatRuntime, Timer]:
+    """A `ChatRuntime` on `engine` with `threads` threads (prompt cache off), and its timer."""
+    os.environ.update(LLMLAB_ENGINE=engine, LLMLAB_THREADS=str(threads))
+    try:
+        runtime = ChatRuntime(home)
+        runtime.tokenizer  # noqa: B018 - load now, outside the timings
+    finally:
+        del os.environ["LLMLAB_ENGINE"], os.environ["LLMLAB_THREADS"]
+    runtime.prompt_cache = PromptCache(budget=0)  # every prompt is read in full, as for llama.cpp
+
+    def timer(ids: list[int], tokens: int) -> int:
+        prompt = runtime.tokenizer.decode(ids)
+        return runtime.generate(prompt, temperature=0, max_tokens=tokens).completion_tokens
+
+    return runtime, timer
+
+
+def llama_cpp(threads: int) -> tuple[object, Timer]:
+    """llama.cpp's server (in process, no HTTP) on the package's GGUF, and its timer."""
+    import xllamacpp
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(smollm2_gguf_path())
+    params.n_ctx, params.n_parallel, params.warmup = 2048, 1, False
+    params.cpuparams.n_threads = params.cpuparams_batch.n_threads = threads
+    server = xllamacpp.Server(params)
+
+    def timer(ids: list[int], tokens: int) -> int:
+        body = {"prompt": ids, "n_predict": tokens, "temperature": 0, "cache_prompt": False}
+        return server.handle_completions(body)["usage"]["completion_tokens"]
+
+    return server, timer
+
+
+def quality(runtime: ChatRuntime, questions: list[dict], with_page: bool) -> list[bool]:
+    """Whether each greedy answer (60 tokens, as `compare.plain`) holds its question's facts."""
+    right = []
+    for q in questions:
+        if with_page:
+            page = (DATA_DIR / "handbook" / q["source"]).read_text()
+            messages = build_prompt(q["question"], [Hit(q["source"], 1.0, page, {})])
+        else:
+            messages = [{"role": "user", "content": q["question"]}]
+        answer = runtime.generate(render(messages), temperature=0, max_tokens=60).text
+        right.append(contains_facts(answer, q["facts"]))
+    return right
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--per-kind", type=int, default=5, help="course questions per kind (0: no quality guard)"
+    )
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results" / "engine.json")
+    args = parser.parse_args()
+
+    home = fresh_home()
+    start = time.perf_counter()
+    build_onnx_model(home)
+    build_seconds = round(time.perf_counter() - start, 1)
+    rows: dict[str, dict] = {}
+    for threads in (1, 2):
+        for name, engine in (("ours torch fp32", "torch"), ("ours onnx int8", "onnx")):
+            runtime, timer = ours(home, engine, threads)
+            chat, long = runtime.encode(CHAT), runtime.encode(render([{"role": "user", "content": HANDBOOK}]))
+            long = long[: LONG_TOKENS - 8] + long[-8:]  # keep the chat markers at the end
+            rows.setdefault(name, {})[f"{threads} thread"] = speeds(timer, chat, long, args.repeats)
+            del runtime, timer
+            gc.collect()
+        server, timer = llama_cpp(threads)
+        rows.setdefault("llama.cpp (xllamacpp, GGUF Q4_1)", {})[f"{threads} thread"] = speeds(
+            timer, chat, long, args.repeats
+        )
+        del server, timer
+        gc.collect()
+        print(json.dumps({k: v[f"{threads} thread"] for k, v in rows.items()}), flush=True)
+    reference = rows["llama.cpp (xllamacpp, GGUF Q4_1)"]
+    for row in rows.values():
+        for threads, cell in row.items():
+            for key in ("decode_tok_s", "prompt_tok_s"):
+                cell[key.replace("tok_s", "vs_llama_cpp")] = round(cell[key] / reference[threads][key], 2)
+
+    guard = {}
+    if args.per_kind:
+        frame = load_questions(per_kind=args.per_kind)
+        questions = [q for q in frame.to_dict("records") if q["source"].endswith(".md")]
+        for name, engine in (("ours torch fp32", "torch"), ("ours onnx int8", "onnx")):
+            runtime, _ = ours(home, engine, 1)
+            settings = (("plain", False), ("handbook page as context", True))
+            guard[name] = {setting: sum(quality(runtime, questions, page)) for setting, page in settings}
+            del runtime
+            gc.collect()
+        guard["questions"] = len(questions)
+
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared: other jobs were running)",
+        "onnx_int8_build_seconds": build_seconds,
+        "prompt": {"chat_tokens": len(chat), "decode_tokens": DECODE_TOKENS, "long_tokens": len(long)},
+        "speed": rows,
+        "quality_guard_right_answers": guard,
+    }
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(
+        f"\n{'engine':34} {'threads':>8} {'decode tok/s':>13} {'x llama.cpp':>11} {'prompt tok/s':>13} {'x llama.cpp':>11}"
+    )
+    for name, row in rows.items():
+        for threads, c in row.items():
+            print(
+                f"{name:34} {threads:>8} {c['decode_tok_s']:>13} {c['decode_vs_llama_cpp']:>11} "
+                f"{c['prompt_tok_s']:>13} {c['prompt_vs_llama_cpp']:>11}"
+            )
+    if guard:
+        print(f"quality guard (right answers of {guard['questions']}):", json.dumps(guard))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
