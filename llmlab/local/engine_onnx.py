@@ -83,7 +83,13 @@ class OnnxEngine:
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int = 1) -> None:
-        import onnxruntime_genai as og
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise RuntimeError(
+                "LLMLAB_ENGINE=onnx needs onnxruntime-genai (pip install 'llmlab[local]'; it has no wheel for "
+                "Intel Macs): install it or leave LLMLAB_ENGINE unset"
+            ) from exc
 
         config = og.Config(str(folder))
         config.clear_providers()  # CPU

@@ -10,7 +10,8 @@ Decoding is our own loop over a KV cache, so sampling, stop strings, streaming a
 (llguidance: a token mask per step) live in one place. The KV states of recent prompts are kept
 (`PromptCache`): a request that starts like an earlier one, with the same system prompt and tools, reads
 only the tokens after the shared part. One lock serialises generations; adapters are LoRA weights over
-the one shared base model, switched under that lock.
+the one shared base model, switched under that lock. With `LLMLAB_ENGINE=onnx` the base model's plain
+generation runs on an int8 ONNX Runtime GenAI model (`engine_onnx`), through the same decoding loop.
 """
 
 from __future__ import annotations
