@@ -4,7 +4,7 @@ torch fp32 (teacher-forced), and through the real server it keeps the runtime's 
 the torch fallback for JSON modes.
 
 int8 is fluent but not token-identical to fp32, so greedy texts are not compared word for word. The int8
-model is built once per machine next to the weight cache (`engines/` beside `weights/`, ~25 s the first time).
+model is built once per machine in the weight cache (~25 s the first time).
 """
 
 from __future__ import annotations
@@ -31,13 +31,9 @@ MODEL = "gpt-4o-mini"
 
 
 def linked_home() -> Path:
-    """A fresh home whose `weights/` and `engines/` link to the machine's caches (built once per machine)."""
+    """A fresh home whose `weights/` (float and int8 ONNX models) links to the session's, as in conftest."""
     home = Path(tempfile.mkdtemp(prefix="llmlab-engine-test-"))
-    weights = (TEST_HOME / "weights").resolve()
-    engines = weights.parent / "engines"
-    engines.mkdir(exist_ok=True)
-    (home / "weights").symlink_to(weights, target_is_directory=True)
-    (home / "engines").symlink_to(engines, target_is_directory=True)
+    (home / "weights").symlink_to((TEST_HOME / "weights").resolve(), target_is_directory=True)
     return home
 
 
@@ -93,12 +89,12 @@ def test_the_int8_model_is_built_once_under_the_home(onnx_server):
     from llmlab.local.engine_onnx import build_onnx_model
 
     _, runtime = onnx_server
-    folder = runtime.home / "engines" / "onnx-int8"
+    folder = runtime.home / "weights" / f"{runtime.model_id}-onnx-int8"
     config = folder / "genai_config.json"
     assert json.loads(config.read_text())["model"]["type"] == "llama"
     built = config.stat().st_mtime_ns
     assert build_onnx_model(runtime.home) == folder and config.stat().st_mtime_ns == built
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp folder left
+    assert not list(folder.parent.glob(f".{folder.name}.*"))  # no temp folder left
 
 
 def test_engine_logits_follow_torch_fp32(onnx_server, torch_runtime):

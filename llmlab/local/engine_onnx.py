@@ -6,7 +6,8 @@
 torch.Size([49152])
 
 The model is built once from the float weight cache by ONNX Runtime GenAI's own model builder (~25 s) into
-`home/engines/onnx-int8/`. int8, not int4: the builder's int4 makes the 135M model loop on greedy decoding
+`home/weights/SmolLM2-135M-Instruct-onnx-int8/`, beside the float weights it derives from (a home whose
+`weights/` links to a shared cache shares it too). int8, not int4: the builder's int4 makes the 135M model loop on greedy decoding
 (issue 16). The engine only turns token ids into next-token logits; sampling, stop strings, streaming and
 log-probs stay in `ChatRuntime.stream`, shared with the torch path. What it does not do yet falls back to
 torch in `ChatRuntime`: LoRA adapters, constrained decoding (tool calls, JSON modes), `logprob()`, and the
@@ -27,7 +28,6 @@ from typing import Any
 import torch
 
 ENGINES = ("torch", "onnx")
-ONNX_FOLDER = "onnx-int8"
 
 
 def engine_name(environ: dict[str, str] | os._Environ = os.environ) -> str:
@@ -63,13 +63,14 @@ def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     The float weight cache is built first if needed; the folder appears complete or not at all.
 
     >>> build_onnx_model().name  # doctest: +SKIP
-    'onnx-int8'
+    'SmolLM2-135M-Instruct-onnx-int8'
     """
     from llmlab.local.runtime import build_folder_atomically, build_weight_cache
+    from llmlab.models import CHAT_MODEL_ID
     from llmlab.paths import llmlab_home
 
     home = Path(home) if home is not None else llmlab_home()
-    target = home / "engines" / ONNX_FOLDER
+    target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-int8"
     if not (target / "genai_config.json").is_file():
         weights = build_weight_cache(home)
         build_folder_atomically(target, lambda tmp: _run_builder(weights, tmp))
