@@ -210,3 +210,12 @@ def test_json_mode_falls_back_to_torch(onnx_server):
         response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
     )
     assert json.loads(reply.choices[0].message.content)["city"] in {"Paris", "Rome"}
+
+
+def test_a_large_max_tokens_grows_the_kv_states_as_needed(onnx_server):
+    """max_tokens beyond `SHARED_KV`: the KV states grow instead of being allocated for 8,000 tokens."""
+    client, _ = onnx_server
+    small = ask(client, QUESTIONS[2], temperature=0, max_tokens=64, stop=["\n"]).choices[0]
+    large = ask(client, QUESTIONS[2], temperature=0, max_tokens=8000, stop=["\n"]).choices[0]
+    assert large.finish_reason == small.finish_reason == "stop"
+    assert large.message.content == small.message.content
