@@ -7,11 +7,11 @@ torch.Size([49152])
 
 The model is built once from the float weight cache by ONNX Runtime GenAI's own model builder (~25 s) into
 `home/weights/SmolLM2-135M-Instruct-onnx-int8/`, beside the float weights it derives from (a home whose
-`weights/` links to a shared cache shares it too). int8, not int4: the builder's int4 makes the 135M model loop on greedy decoding
-(issue 16). The engine only turns token ids into next-token logits; sampling, stop strings, streaming and
-log-probs stay in `ChatRuntime.stream`, shared with the torch path. What it does not do yet falls back to
-torch in `ChatRuntime`: LoRA adapters, constrained decoding (tool calls, JSON modes), `logprob()`, and the
-prompt cache.
+`weights/` links to a shared cache shares it too). int8, not int4: the builder's int4 makes the 135M model
+loop on greedy decoding (issue 16). The engine only turns token ids into next-token logits; sampling, stop
+strings, streaming and log-probs stay in `ChatRuntime.stream`, shared with the torch path. LoRA adapters,
+constrained decoding (tool calls, JSON modes) and `logprob()` still run on torch in `ChatRuntime`; the
+engine has no prompt cache yet (every prompt is read in full).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ ENGINES = ("torch", "onnx")
 SHARED_KV = 2048  # tokens: 94 MB of KV states
 
 
-def engine_name(environ: dict[str, str] | os._Environ = os.environ) -> str:
+def engine_name(environ: Mapping[str, str] = os.environ) -> str:
     """The chat engine `$LLMLAB_ENGINE` asks for: "torch" (default) or "onnx".
 
     >>> engine_name({}), engine_name({"LLMLAB_ENGINE": " ONNX "})
