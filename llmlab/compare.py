@@ -250,6 +250,7 @@ def _run_tools(
         model=model,
         max_rounds=3,
         tool_choice=tool_choice,
+        parallel_tool_calls=False,  # one call a round: a small model's second call in a row is noise
         temperature=0,
         max_completion_tokens=max_tokens,
     )
