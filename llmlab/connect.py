@@ -7,7 +7,7 @@ server process per `LLMLAB_HOME`, shared by every kernel (this module is the one
 >>> lab = connect()                    # doctest: +SKIP
 llmlab: local backend at http://127.0.0.1:51234/v1 (OPENAI_API_KEY is not set; started the home's server)
 >>> lab.client.chat.completions.create(model=lab.chat_model, messages=[{"role": "user", "content": "Hi"}])  # doctest: +SKIP
->>> connect(base_url="http://localhost:11434/v1")  # doctest: +SKIP   (Ollama: model names from its /v1/models)
+>>> connect(base_url="http://localhost:11434/v1")  # Ollama: model names from its /v1/models  # doctest: +SKIP
 """
 
 from __future__ import annotations
