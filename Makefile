@@ -52,11 +52,15 @@ browser:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "chromium not installed: the browser test will be skipped"
 
-test: setup browser
+# lint first (a failure stops here), then one pytest run: llmlab/'s doctests, tests/, the notebooks (testpaths).
+test: setup lint browser
 	HF_HUB_OFFLINE=1 $(BIN)/pytest $(PYTEST_ARGS)
 
+# ruff's checks, its formatting, and the design's import rules ([tool.importlinter] in pyproject.toml).
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # Every benchmark in bench/, one after another (each compares against its baseline in the same run);
 # results go to bench/results/. Run them on a quiet machine: the ratios are only as steady as the CPU.

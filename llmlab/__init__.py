@@ -1,7 +1,7 @@
 """llmlab: learn fine-tuning, embeddings + RAG and function calling with the real `openai` SDK, offline.
 
 >>> import llmlab
->>> lab = llmlab.connect()          # doctest: +SKIP  (OpenAI with OPENAI_API_KEY, else the local backend)
+>>> lab = llmlab.connect()  # OpenAI with OPENAI_API_KEY, else the local backend  # doctest: +SKIP
 >>> lab.client.chat.completions.create(model=lab.chat_model, messages=[...])  # doctest: +SKIP
 """
 

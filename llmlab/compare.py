@@ -27,6 +27,7 @@ import pandas as pd
 
 from llmlab import tokens
 from llmlab.datasets import ChatDataset
+from llmlab.openai_facts import CHAT_MODEL
 from llmlab.paths import DATA_DIR, read_data_jsonl
 from llmlab.progress import tqdm
 from llmlab.rag import build_prompt
@@ -250,6 +251,7 @@ def _run_tools(
         model=model,
         max_rounds=3,
         tool_choice=tool_choice,
+        parallel_tool_calls=False,  # one call a round: a small model's second call in a row is noise
         temperature=0,
         max_completion_tokens=max_tokens,
     )
@@ -313,7 +315,7 @@ def hybrid(
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def openai_cost(requests: Iterable[dict], model: str = "gpt-4o-mini") -> float:
+def openai_cost(requests: Iterable[dict], model: str = CHAT_MODEL) -> float:
     """USD that the same requests would cost on OpenAI's `model` (a local ``ft:`` model is priced as a
     fine-tuned `model`), with tokens counted offline by `llmlab.tokens`."""
     total = 0.0

@@ -7,7 +7,7 @@ server process per `LLMLAB_HOME`, shared by every kernel (this module is the one
 >>> lab = connect()                    # doctest: +SKIP
 llmlab: local backend at http://127.0.0.1:51234/v1 (OPENAI_API_KEY is not set; started the home's server)
 >>> lab.client.chat.completions.create(model=lab.chat_model, messages=[{"role": "user", "content": "Hi"}])  # doctest: +SKIP
->>> connect(base_url="http://localhost:11434/v1")  # doctest: +SKIP   (Ollama: model names from its /v1/models)
+>>> connect(base_url="http://localhost:11434/v1")  # Ollama: model names from its /v1/models  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -22,13 +22,10 @@ import openai
 from openai import OpenAI
 
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID
+from llmlab.openai_facts import CHAT_MODEL, EMBEDDING_MODEL, FINETUNE_MODEL
 from llmlab.paths import llmlab_home
 
-OPENAI_MODELS = {
-    "chat": "gpt-4o-mini",
-    "embedding": "text-embedding-3-small",
-    "finetune": "gpt-4o-mini-2024-07-18",
-}
+OPENAI_MODELS = {"chat": CHAT_MODEL, "embedding": EMBEDDING_MODEL, "finetune": FINETUNE_MODEL}
 LOCAL_MODELS = {"chat": CHAT_MODEL_ID, "embedding": EMBEDDING_MODEL_ID, "finetune": CHAT_MODEL_ID}
 ENDPOINT_TIMEOUT = 10.0  # seconds an OpenAI-compatible server has to answer GET /v1/models
 CAPABILITIES = ("chat", "embeddings", "fine_tuning")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmlab import jsontext, tokens
+from llmlab.openai_facts import FINETUNE_MODEL
 from llmlab.paths import atomic_write_text, remove_orphans, temp_names
 from llmlab.tokens import default_epochs
 
@@ -825,9 +826,7 @@ class ChatDataset:
         )
         return TokenStats(model, per_example)
 
-    def estimate_cost(
-        self, model: str = "gpt-4o-mini-2024-07-18", n_epochs: int | str = "auto"
-    ) -> CostEstimate:
+    def estimate_cost(self, model: str = FINETUNE_MODEL, n_epochs: int | str = "auto") -> CostEstimate:
         """The fine-tuning cost on `model`: OpenAI's default epochs (or `n_epochs`), billed tokens and the price."""
         price = tokens.price_for(model)
         if price.training is None:

@@ -1,7 +1,7 @@
 """Check that everything llmlab needs is in place, and say how to fix what is not.
 
->>> report = doctor()          # doctest: +SKIP   (prints a table; report.ok is False when something is missing)
->>> doctor(lab)                # doctest: +SKIP   (also the lab's endpoint, its models and what works there)
+>>> report = doctor()  # prints a table; report.ok is False when something is missing  # doctest: +SKIP
+>>> doctor(lab)  # also the lab's endpoint, its models and what works there  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from llmlab.openai_facts import EMBEDDING_MODEL
 from llmlab.paths import atomic_write_bytes, llmlab_home, remove_orphans, temp_names
 
 # Texts per request: OpenAI accepts up to 2,048 inputs and ~300k tokens per request. Big requests are faster
@@ -193,7 +194,7 @@ def _batches(texts: list[str], batch_size: int) -> list[list[int]]:
     batches: list[list[int]] = [[]]
     tokens = 0
     for i, text in enumerate(texts):
-        n = count_tokens(text, "text-embedding-3-small")
+        n = count_tokens(text, EMBEDDING_MODEL)
         if batches[-1] and (len(batches[-1]) == batch_size or tokens + n > MAX_REQUEST_TOKENS):
             batches.append([])
             tokens = 0

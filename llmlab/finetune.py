@@ -22,11 +22,11 @@ from openai.types import FileObject
 from openai.types.fine_tuning import FineTuningJob
 from tqdm.auto import tqdm
 
+from llmlab.openai_facts import FINISHED_JOB_STATUSES
+
 if TYPE_CHECKING:
     from llmlab.connect import Lab
     from llmlab.datasets import ChatDataset
-
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 def upload(
@@ -167,7 +167,7 @@ def wait(
         while True:
             job = lab.client.fine_tuning.jobs.retrieve(job_id)
             _show_progress(bar, job, _metrics_rows(lab, job_id))
-            if job.status in FINISHED:
+            if job.status in FINISHED_JOB_STATUSES:
                 return job
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} is still {job.status} after {timeout} s")

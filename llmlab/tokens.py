@@ -17,16 +17,17 @@ fetches its files over the network on first use). Its token ids are tiktoken's.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from llmlab.openai_facts import CHAT_MODEL, FINE_TUNABLE_SNAPSHOTS, base_model, text_parts, undated
+
 if TYPE_CHECKING:  # bpe_openai loads a large native library: import it only when counting
     from bpe_openai import Encoding
 
-DEFAULT_MODEL = "gpt-4o-mini"
+DEFAULT_MODEL = CHAT_MODEL  # the model whose tokens are counted when none is named
 
 # Model-name prefixes -> encoding, longest prefix wins ("gpt-4o" before "gpt-4").
 _ENCODING_PREFIXES: dict[str, str] = {
@@ -51,15 +52,6 @@ ENCODINGS = ("o200k_base", "cl100k_base")
 
 class UnknownModelError(ValueError):
     """A model name that the token counter or the price table does not know."""
-
-
-def base_model(model: str) -> str:
-    """The base model of a fine-tuned model name (``ft:BASE:org:suffix:id``); other names unchanged.
-
-    >>> base_model("ft:gpt-4o-mini-2024-07-18:acme:faq:9x2")
-    'gpt-4o-mini-2024-07-18'
-    """
-    return model.split(":")[1] if model.startswith("ft:") and model.count(":") >= 2 else model
 
 
 def encoding_name_for(model: str) -> str:
@@ -87,8 +79,14 @@ def _encoding(name: str) -> Encoding:
 
 @cache
 def _counter(name: str):
-    """The native tokenizer's `count(text) -> int` (same result as len(encode_ordinary), much less overhead)."""
-    from bpe_openai import _bindings
+    """The native tokenizer's `count(text) -> int`: the same number as ``len(encode_ordinary(text))``.
+
+    The one use of a private module of `bpe-openai` (0.1.4), kept here alone: its public API counts only
+    by building the token list (`Encoding.encode_ordinary`), and counting is what the dataset validator
+    and chunker do for every message. If a release moves `_bindings`, this is the line to change;
+    tests/test_tokens.py compares the counts with the public `encode_ordinary`.
+    """
+    from bpe_openai import _bindings  # private: the Rust tokenizer without the list-building wrapper
 
     return _bindings.tokenizer_for_encoding(name).count
 
@@ -149,11 +147,7 @@ def message_token_counts(message: Mapping[str, Any], encoding: str) -> tuple[int
             if isinstance(value, str):
                 said += _count(value, encoding)
             elif isinstance(value, list):  # content parts: only the text parts are counted
-                said += sum(
-                    _count(p["text"], encoding)
-                    for p in value
-                    if isinstance(p, dict) and isinstance(p.get("text"), str)
-                )
+                said += sum(_count(text, encoding) for text in text_parts(value))
         elif key == "tool_calls":
             said += _tool_call_tokens(value, encoding)
         elif isinstance(value, str) and key != "weight":
@@ -268,16 +262,6 @@ PRICES: dict[str, ModelPrice] = {
         ModelPrice("text-embedding-ada-002", 0.10),
     )
 }
-# The fine-tunable snapshots that OpenAI's fine-tuning price list names.
-_SNAPSHOTS = {
-    "gpt-4o-mini-2024-07-18": "gpt-4o-mini",
-    "gpt-4o-2024-08-06": "gpt-4o",
-    "gpt-4.1-2025-04-14": "gpt-4.1",
-    "gpt-4.1-mini-2025-04-14": "gpt-4.1-mini",
-    "gpt-4.1-nano-2025-04-14": "gpt-4.1-nano",
-    "gpt-3.5-turbo-0125": "gpt-3.5-turbo",
-}
-_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{4})$")
 
 
 def price_for(model: str) -> ModelPrice:
@@ -289,9 +273,9 @@ def price_for(model: str) -> ModelPrice:
     0.3
     """
     name = base_model(model)
-    key = _SNAPSHOTS.get(name) or (name if name in PRICES else _DATE_SUFFIX.sub("", name))
+    key = FINE_TUNABLE_SNAPSHOTS.get(name) or (name if name in PRICES else undated(name))
     if key not in PRICES:
-        known = ", ".join([*PRICES, *_SNAPSHOTS])
+        known = ", ".join([*PRICES, *FINE_TUNABLE_SNAPSHOTS])
         raise UnknownModelError(
             f"No price for model {model!r} (table of {PRICES_DATE}); known models: {known}"
         )
@@ -338,7 +322,9 @@ def training_cost(model: str, billed_tokens: int) -> float:
     """
     price = price_for(model)
     if price.training is None:
-        raise UnknownModelError(f"{model!r} cannot be fine-tuned; fine-tunable: {', '.join(_SNAPSHOTS)}")
+        raise UnknownModelError(
+            f"{model!r} cannot be fine-tuned; fine-tunable: {', '.join(FINE_TUNABLE_SNAPSHOTS)}"
+        )
     return round(billed_tokens * price.training / 1e6, 10)
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from typing import Any
+
+from llmlab.openai_facts import content_text
 
 START, END = "<|im_start|>", "<|im_end|>"
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
@@ -27,21 +28,6 @@ TOOLS_INTRO = (
     f'{TOOL_CALL_OPEN}\n{{"name": <tool name>, "arguments": <arguments as a JSON object>}}\n{TOOL_CALL_CLOSE}\n'
     "Tools:"
 )
-
-
-def content_text(content: Any) -> str:
-    """A message's `content` as text: a string, None, or a list of OpenAI content parts.
-
-    >>> content_text([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}])
-    'ab'
-    """
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(p.get("text") or "" if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
 
 
 def tool_call_text(call: dict) -> str:

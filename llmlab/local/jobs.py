@@ -29,10 +29,10 @@ from llmlab.local.owner import Owner, owner_alive
 from llmlab.local.requests import FineTuningJobRequest
 from llmlab.local.store import Store, new_id, public
 from llmlab.models import CHAT_MODEL_ID, resolve_alias
+from llmlab.openai_facts import FINISHED_JOB_STATUSES
 
 CANCEL_WAIT = 15.0  # seconds a cancel request waits for the running job to stop
 ACTIVE = ("validating_files", "queued", "running")
-FINISHED = ("succeeded", "failed", "cancelled")
 
 
 class JobRequestError(ValueError):
@@ -126,7 +126,7 @@ class JobRunner:
         job = self.store.get_job(job_id)
         if job is None:
             return None
-        if job["status"] in FINISHED:
+        if job["status"] in FINISHED_JOB_STATUSES:
             raise JobRequestError(
                 f"Job {job_id} has already {job['status']} and cannot be cancelled.", "fine_tuning_job_id"
             )

@@ -7,10 +7,10 @@ process is gone, whose port answers without knowing the key, or written by anoth
 and gets replaced. A server started here stops by itself after `LLMLAB_IDLE_TIMEOUT` seconds (default 20
 minutes) with no request and no active fine-tuning job.
 
->>> record, started = ensure_server()   # doctest: +SKIP  (the running server of the home, or a new one)
->>> record.url                          # doctest: +SKIP
+>>> record, started = ensure_server()  # the home's running server, or a new one  # doctest: +SKIP
+>>> record.url  # doctest: +SKIP
 'http://127.0.0.1:40123/v1'
->>> stop_server()                       # doctest: +SKIP
+>>> stop_server()  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llmlab import openai_facts
 from llmlab.local.jobs import JobRequestError, JobRunner
 from llmlab.local.loopback import is_loopback
 from llmlab.local.requests import (
@@ -185,7 +186,7 @@ def _text_content(content: Any, param: str) -> str:
             raise APIError(
                 400, f"Only text content parts are supported locally ('{param}[{i}]').", f"{param}[{i}]"
             )
-    return "".join(part["text"] for part in content)
+    return "".join(openai_facts.text_parts(content))
 
 
 def _messages(body: dict) -> list[dict]:
@@ -508,7 +509,7 @@ def _check_input_lengths(texts: list[str]) -> None:
 
     for i, text in enumerate(texts):
         if len(text.encode("utf-8")) > EMBEDDING_INPUT_LIMIT:
-            tokens = count_tokens(text, "text-embedding-3-small")
+            tokens = count_tokens(text, openai_facts.EMBEDDING_MODEL)
             param = f"input[{i}]" if len(texts) > 1 else "input"
             if tokens > EMBEDDING_INPUT_LIMIT:
                 raise APIError(
@@ -575,8 +576,8 @@ def _file(record: dict) -> dict:
 def content_disposition(filename: str) -> str:
     """An attachment header for any file name (RFC 6266): an ASCII fallback and the UTF-8 name.
 
-    >>> content_disposition('a"b\u00e9.txt')
-    'attachment; filename="a_b_.txt"; filename*=UTF-8\'\'a%22b%C3%A9.txt'
+    >>> print(content_disposition('a"b\u00e9.txt'))
+    attachment; filename="a_b_.txt"; filename*=UTF-8''a%22b%C3%A9.txt
     """
     fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename, safe='')}"

@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmlab.openai_facts import FINISHED_JOB_STATUSES
 from llmlab.paths import atomic_write_bytes, atomic_write_text
 
 _ALPHABET = string.ascii_letters + string.digits
-_FINISHED = ("succeeded", "failed", "cancelled")
 _log = logging.getLogger(__name__)
 
 
@@ -150,7 +150,7 @@ class Store:
             job = self.get_job(job_id)
             if job is None:
                 raise KeyError(job_id)
-            if job["status"] in _FINISHED:
+            if job["status"] in FINISHED_JOB_STATUSES:
                 return job
             job.update(changes)
             return self.save_job(job)

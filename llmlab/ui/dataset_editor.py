@@ -15,6 +15,7 @@ from typing import Any
 import ipywidgets as w
 
 from llmlab import tokens
+from llmlab.openai_facts import FINETUNE_MODEL
 from llmlab.ui._base import TABLE_CSS, Panel, esc, styled
 
 ROLES = ("system", "user", "assistant")
@@ -88,7 +89,7 @@ class DatasetEditor(Panel):
     """
 
     def __init__(
-        self, dataset: Any, model: str = "gpt-4o-mini-2024-07-18", page_size: int = 10, min_examples: int = 10
+        self, dataset: Any, model: str = FINETUNE_MODEL, page_size: int = 10, min_examples: int = 10
     ):
         self.dataset, self.model, self.page_size, self.min_examples = dataset, model, page_size, min_examples
         self.page = 0

@@ -22,10 +22,10 @@ from typing import Any
 import ipywidgets as w
 import openai
 
+from llmlab.openai_facts import FINISHED_JOB_STATUSES
 from llmlab.ui._base import TABLE_CSS, Panel, esc, styled
 from llmlab.ui.svg import line_chart
 
-FINISHED = ("succeeded", "failed", "cancelled")
 STATUS_COLORS = {"succeeded": "#2e7d32", "failed": "#b00020", "cancelled": "#757575", "running": "#1565c0"}
 
 
@@ -121,11 +121,11 @@ class JobMonitor(Panel):
             jobs = self.lab.client.fine_tuning.jobs
             job = jobs.retrieve(self.job_id)
             new = self._new_events(jobs)
-            if new or (job.status in FINISHED and not self.finished):
+            if new or (job.status in FINISHED_JOB_STATUSES and not self.finished):
                 self.checkpoints = sorted(jobs.checkpoints.list(self.job_id), key=lambda c: c.step_number)
             self.job = job
             self._render()
-            if job.status in FINISHED:
+            if job.status in FINISHED_JOB_STATUSES:
                 self._done.set()
             return job
 
@@ -231,7 +231,7 @@ class JobMonitor(Panel):
         self.progress_label.value = " · ".join(self._progress_parts())
         self.loss_plot.value = line_chart(self.loss_series(), title="loss", xlabel="step")
         self.event_log.value = self._events_html()
-        self.cancel_button.disabled = job.status in FINISHED
+        self.cancel_button.disabled = job.status in FINISHED_JOB_STATUSES
 
     def _events_html(self) -> str:
         rows = "".join(

@@ -1,0 +1,57 @@
+"""The design's import rules (the `[tool.importlinter]` contracts in pyproject.toml) hold, and can fail.
+
+`lint-imports` (import-linter) runs on the real tree, and once on a copy of the package into which imports
+that break each rule have been planted: a helper importing the backend, a helper importing the ui, the
+token counter importing an HTTP client.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+# module -> the import planted at its end, and the line lint-imports must report for it
+PLANTED = {
+    "tools.py": ("from llmlab.local import chat_format", "llmlab.tools -> llmlab.local.chat_format"),
+    "rag.py": ("from llmlab.ui import svg", "llmlab.rag -> llmlab.ui.svg"),
+    "tokens.py": ("import openai", "llmlab.tokens -> openai"),
+}
+
+
+def lint_imports(project: Path) -> subprocess.CompletedProcess:
+    """`lint-imports` run in `project` (it analyses the `llmlab` package found there, with its pyproject)."""
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--no-cache", "--no-logo"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_real_tree_keeps_every_contract():
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " KEPT" in result.stdout and " BROKEN" not in result.stdout
+
+
+def test_the_check_fails_on_helpers_that_break_the_rules(tmp_path):
+    shutil.copytree(ROOT / "llmlab", tmp_path / "llmlab", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    for module, (line, _) in PLANTED.items():
+        with open(tmp_path / "llmlab" / module, "a", encoding="utf-8") as f:
+            f.write(f"\n{line}  # planted by tests/test_design_rules.py\n")
+
+    result = lint_imports(tmp_path)
+
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "0 kept, 3 broken" in result.stdout
+    for _, reported in PLANTED.values():
+        assert reported in result.stdout
+    # an indirect import counts too: the ui reaches the backend through the planted import in tools
+    assert "llmlab.ui is not allowed to import llmlab.local" in result.stdout
