@@ -16,7 +16,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 # Jupyter refuses to run as root (containers, cloud boxes) unless told to.
 ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup lab serve test browser lint bench
+.PHONY: setup lab serve test browser lint bench notebooks
 
 setup: $(STAMP)
 
@@ -67,3 +67,13 @@ lint: setup
 bench: setup
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	for b in bench/bench_*.py; do HF_HUB_OFFLINE=1 $(BIN)/python $$b || exit 1; done
+
+# Re-run every notebook top to bottom and save it with its outputs (after a code change), in a fresh default
+# LLMLAB_HOME (~/.cache/llmlab, its weight cache kept) so that saved outputs show home-relative paths.
+NOTEBOOKS ?= notebooks/*.ipynb
+notebooks: setup
+	-env -u LLMLAB_HOME $(BIN)/llmlab stop
+	find ~/.cache/llmlab -mindepth 1 -maxdepth 1 ! -name weights -exec rm -rf {} +
+	for nb in $(NOTEBOOKS); do env -u LLMLAB_HOME -u OPENAI_API_KEY -u OPENAI_BASE_URL HF_HUB_OFFLINE=1 \
+		$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.timeout=1800 $$nb || exit 1; done
+	-env -u LLMLAB_HOME $(BIN)/llmlab stop
