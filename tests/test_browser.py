@@ -1,7 +1,8 @@
 """The widgets in a real browser: Debian's chromium, driven by Playwright, against a JupyterLab started here.
 
 The test copies tests/browser/widgets.ipynb to a temporary folder (JupyterLab's autosave never touches the
-repository), starts JupyterLab there on a free loopback port with a temporary LLMLAB_HOME, runs all cells,
+repository), starts JupyterLab there on a free loopback port with the session's LLMLAB_HOME (its `weights/` links to the
+weight cache, and its server is the one the other tests use), runs all cells,
 types a query into the SearchBox and presses Enter, and checks the hits, the DatasetEditor and the
 ComparisonView in the DOM. A screenshot is saved as `widgets.png` in the test's tmp folder.
 
@@ -50,15 +51,18 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def jupyterlab(tmp_path):
-    """A JupyterLab serving a copy of the widgets notebook: yields its base URL."""
+def jupyterlab(tmp_path, lab):
+    """A JupyterLab serving a copy of the widgets notebook: yields its base URL.
+
+    The kernel inherits the session's `LLMLAB_HOME` and finds its running server (the `lab` fixture starts it):
+    a home of its own would dequantize the GGUF first, over a minute on a busy machine.
+    """
     root = tmp_path / "lab"
     root.mkdir()
     shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
     port = _free_port()
     env = {
         **os.environ,
-        "LLMLAB_HOME": str(tmp_path / "home"),
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
@@ -136,7 +140,9 @@ def _run_all_cells(page) -> None:
             page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
             last_try = time.monotonic()
         page.wait_for_timeout(500)
-    raise AssertionError("the notebook's cells did not all run")
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    shown = "\n---\n".join(errors.all_inner_texts())[-3000:]
+    raise AssertionError(f"the notebook's cells did not all run; its error outputs:\n{shown or '(none)'}")
 
 
 def test_widgets_render_and_search_in_a_real_browser(jupyterlab, tmp_path):
