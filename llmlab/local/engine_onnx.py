@@ -1,17 +1,22 @@
-"""The chat model on ONNX Runtime GenAI, int8: the opt-in fast engine for plain generation (`LLMLAB_ENGINE=onnx`).
+"""The chat model on ONNX Runtime GenAI, int8: the opt-in fast engine (`LLMLAB_ENGINE=onnx`).
 
 >>> engine = OnnxEngine(build_onnx_model(home))  # doctest: +SKIP
 >>> logits, advance = engine.start([1, 9690, 198], max_length=64)  # doctest: +SKIP
 >>> logits.shape  # doctest: +SKIP
-torch.Size([49152])
+torch.Size([1, 49152])
 
 The model is built once from the float weight cache by ONNX Runtime GenAI's own model builder (~25 s) into
-`home/weights/SmolLM2-135M-Instruct-onnx-int8/`, beside the float weights it derives from (a home whose
+`home/weights/SmolLM2-135M-Instruct-onnx-int8-lora/`, beside the float weights it derives from (a home whose
 `weights/` links to a shared cache shares it too). int8, not int4: the builder's int4 makes the 135M model
-loop on greedy decoding (issue 16). The engine only turns token ids into next-token logits; sampling, stop
-strings, streaming and log-probs stay in `ChatRuntime.stream`, shared with the torch path. LoRA adapters,
-constrained decoding (tool calls, JSON modes) and `logprob()` still run on torch in `ChatRuntime`; the
-engine has no prompt cache yet (every prompt is read in full).
+loop on greedy decoding (issue 16). Every decoder projection then gets a LoRA branch whose two matrices are
+model inputs (`add_lora_inputs`), zero by default: a fine-tuned model is a peft adapter exported to ONNX
+Runtime's adapter format in ~0.1 s (`export_adapter`) and switched per request on the one loaded model; the
+zero branch costs the base model no measurable decode speed.
+
+The engine only turns token ids into next-token logits; sampling, constrained decoding, stop strings,
+streaming and log-probs stay in `ChatRuntime`, shared with the torch path. Its prompt cache is the KV states
+of the last few generators: a prompt that starts like an earlier one (same adapter) rewinds that generator
+to the shared prefix and reads only the rest.
 """
 
 from __future__ import annotations
@@ -22,13 +27,30 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 ENGINES = ("torch", "onnx")
 SHARED_KV = 2048  # tokens: 94 MB of KV states
+MIN_REUSE = 16  # a cached prefix shorter than this is not worth a rewind
+# the projections of each decoder layer as the builder names them -> the peft modules they hold, in order
+# (the builder packs q, k and v into one MatMul)
+PROJECTIONS = {
+    "qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "o_proj": ("self_attn.o_proj",),
+    "gate_proj": ("mlp.gate_proj",),
+    "up_proj": ("mlp.up_proj",),
+    "down_proj": ("mlp.down_proj",),
+}
+ADAPTER_FILE = "adapter.onnx_adapter"  # beside the peft adapter it is exported from
+
+
+class AdapterError(ValueError):
+    """A LoRA adapter that cannot be served (missing, unreadable or of an unsupported kind)."""
 
 
 def engine_name(environ: Mapping[str, str] = os.environ) -> str:
@@ -58,33 +80,161 @@ def _run_builder(weights: Path, out: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
-    """The int8 ONNX chat model's folder under `home` (default `llmlab_home()`), built first if missing.
+def add_lora_inputs(folder: Path) -> int:
+    """Give every decoder projection of the built model in `folder` a LoRA branch `y += (x @ A) @ B`, with
+    `A` (in, rank) and `B` (rank, out) model inputs named `lora.<layer>.<projection>.A/.B`, zero by default
+    (rank 1), any rank when fed. Rewrites `model.onnx` (the weights file is untouched); returns the number of
+    branches.
 
-    The float weight cache is built first if needed; the folder appears complete or not at all.
+    >>> add_lora_inputs(build_onnx_model() )  # doctest: +SKIP
+    150
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = folder / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    graph, nodes, branches = model.graph, [], 0
+    for node in graph.node:
+        nodes.append(node)
+        parts = node.name.split("/")  # /model/layers.3/attn/qkv_proj/MatMul_Q8
+        if node.op_type != "MatMulNBits" or len(parts) < 5 or parts[4] not in PROJECTIONS:
+            continue
+        size = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
+        name = f"lora.{parts[2].split('.')[1]}.{parts[4]}"
+        for suffix, shape, default in (
+            (".A", [size["K"], "lora_rank"], (size["K"], 1)),
+            (".B", ["lora_rank", size["N"]], (1, size["N"])),
+        ):
+            graph.input.append(helper.make_tensor_value_info(name + suffix, TensorProto.FLOAT, shape))
+            graph.initializer.append(numpy_helper.from_array(np.zeros(default, np.float32), name + suffix))
+        out = node.output[0]
+        node.output[0] = f"{name}/base"
+        nodes += [
+            helper.make_node("MatMul", [node.input[0], f"{name}.A"], [f"{name}/xa"], name=f"{name}/MatMulA"),
+            helper.make_node("MatMul", [f"{name}/xa", f"{name}.B"], [f"{name}/xab"], name=f"{name}/MatMulB"),
+            helper.make_node("Add", [f"{name}/base", f"{name}/xab"], [out], name=f"{name}/Add"),
+        ]
+        branches += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))
+    return branches
+
+
+def _build(weights: Path, out: Path) -> None:
+    _run_builder(weights, out)
+    if add_lora_inputs(out) == 0:
+        raise RuntimeError("building the ONNX model failed: no projection to give a LoRA branch")
+
+
+def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
+    """The int8 ONNX chat model's folder (with LoRA inputs) under `home` (default `llmlab_home()`), built
+    first if missing. The float weight cache is built first if needed; the folder appears complete or not at all.
 
     >>> build_onnx_model().name  # doctest: +SKIP
-    'SmolLM2-135M-Instruct-onnx-int8'
+    'SmolLM2-135M-Instruct-onnx-int8-lora'
     """
     from llmlab.local.runtime import build_folder_atomically, build_weight_cache
     from llmlab.models import CHAT_MODEL_ID
     from llmlab.paths import llmlab_home
 
     home = Path(home) if home is not None else llmlab_home()
-    target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-int8"
+    target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-int8-lora"
     if not (target / "genai_config.json").is_file():
         weights = build_weight_cache(home)
-        build_folder_atomically(target, lambda tmp: _run_builder(weights, tmp))
+        build_folder_atomically(target, lambda tmp: _build(weights, tmp))
     return target
 
 
-class OnnxEngine:
-    """Next-token logits of the int8 ONNX model, one sequence at a time (the caller holds a lock).
+def export_adapter(adapter_dir: str | os.PathLike, layers: int) -> Path:
+    """The peft LoRA adapter in `adapter_dir` as the ONNX model's LoRA inputs, in ONNX Runtime's adapter format:
+    `adapter_dir/adapter.onnx_adapter`, written first if missing or older than the adapter (~0.1 s, atomically).
 
-    `threads`: ONNX Runtime's intra-op threads (the runtime passes `torch_threads()`).
+    q, k and v share one packed branch: A = [A_q A_k A_v], B = their B's block-diagonal, scaled by alpha/r.
+    `AdapterError` names what is wrong with an adapter that cannot be served.
+
+    >>> export_adapter(home / "adapters" / "ftjob-abc", layers=30).name  # doctest: +SKIP
+    'adapter.onnx_adapter'
+    """
+    import onnxruntime as ort
+    from safetensors.torch import load_file
+
+    folder = Path(adapter_dir)
+    weights, target = folder / "adapter_model.safetensors", folder / ADAPTER_FILE
+    try:
+        if target.is_file() and target.stat().st_mtime_ns >= weights.stat().st_mtime_ns:
+            return target
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+        tensors = load_file(str(weights))
+    except (OSError, ValueError) as exc:
+        raise AdapterError(f"the adapter in {folder} is unreadable: {type(exc).__name__}: {exc}") from exc
+    if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern"):
+        raise AdapterError(f"the adapter in {folder} is not a plain LoRA adapter (DoRA or per-module ranks)")
+    rank, alpha = config["r"], config["lora_alpha"]
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    params: dict[str, Any] = {}
+    found = 0
+    for layer in range(layers):
+        for projection, modules in PROJECTIONS.items():
+            pairs = []
+            for module in modules:
+                key = f"base_model.model.model.layers.{layer}.{module}"
+                if f"{key}.lora_A.weight" in tensors:
+                    pairs.append(
+                        (tensors[f"{key}.lora_A.weight"].T, tensors[f"{key}.lora_B.weight"].T * scale)
+                    )
+            if not pairs:
+                continue
+            if len(pairs) != len(modules):
+                raise AdapterError(f"the adapter in {folder} adapts only some of {', '.join(modules)}")
+            found += len(pairs)
+            a, b = _packed(pairs)
+            params[f"lora.{layer}.{projection}.A"] = ort.OrtValue.ortvalue_from_numpy(a)
+            params[f"lora.{layer}.{projection}.B"] = ort.OrtValue.ortvalue_from_numpy(b)
+    if not found or found != sum(1 for k in tensors if k.endswith(".lora_A.weight")):
+        raise AdapterError(f"the adapter in {folder} has LoRA weights for modules this model does not have")
+    adapter = ort.AdapterFormat()
+    adapter.set_parameters(params)
+    tmp = folder / f".{ADAPTER_FILE}.{os.getpid()}"
+    adapter.export_adapter(str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def _packed(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+    """One branch for modules that share an input: their A side by side, their B block-diagonal.
+
+    >>> a, b = _packed([(torch.ones(4, 2), torch.ones(2, 3)), (torch.ones(4, 2), torch.ones(2, 5))])
+    >>> a.shape, b.shape, float(b[:2, 3:].sum())
+    ((4, 4), (4, 8), 0.0)
+    """
+    a = np.ascontiguousarray(np.concatenate([p[0].float().numpy() for p in pairs], axis=1), dtype=np.float32)
+    b = np.zeros((a.shape[1], sum(p[1].shape[1] for p in pairs)), np.float32)
+    row = col = 0
+    for _, part in pairs:
+        b[row : row + part.shape[0], col : col + part.shape[1]] = part.float().numpy()
+        row, col = row + part.shape[0], col + part.shape[1]
+    return a, b
+
+
+@dataclass
+class _Kept:
+    adapter: str | None
+    generator: Any
+    capacity: int  # the most tokens it can hold
+
+
+class OnnxEngine:
+    """Next-token logits of the int8 ONNX model with per-request LoRA adapters, one sequence at a time (the
+    caller holds a lock).
+
+    `threads`: ONNX Runtime's intra-op threads (the runtime passes `torch_threads()`). `keep`: how many
+    generators (their KV states) are kept for prompts that start like an earlier one; 0 reads every prompt
+    in full. Each holds up to `SHARED_KV` tokens (94 MB) or what its request needed.
     """
 
-    def __init__(self, folder: str | os.PathLike, threads: int = 1) -> None:
+    def __init__(self, folder: str | os.PathLike, threads: int = 1, keep: int = 2) -> None:
         try:
             import onnxruntime_genai as og
         except ImportError as exc:
@@ -101,21 +251,85 @@ class OnnxEngine:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self._og = og
         self.model = og.Model(config)
+        self.layers = int(
+            json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"][
+                "num_hidden_layers"
+            ]
+        )
+        self._adapters = og.Adapters(self.model)
+        self._loaded: set[str] = set()
+        self.keep = keep
+        self._kept: list[_Kept] = []  # least recently used first
 
-    def start(self, ids: list[int], max_length: int) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
-        """Read the prompt `ids`; (its next-token logits, `advance`), where `advance(token)` reads one more
-        token and gives the logits after it. `max_length`: prompt plus generated tokens, at most.
+    # -- adapters -------------------------------------------------------------------------------------------
+    def load_adapter(self, name: str, adapter_dir: str | os.PathLike) -> None:
+        """Make the peft LoRA adapter in `adapter_dir` usable as `adapter=name`; `AdapterError` if it cannot be."""
+        path = export_adapter(adapter_dir, self.layers)
+        try:
+            self._adapters.load(str(path), name)
+        except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError
+            raise AdapterError(f"the adapter in {adapter_dir} is unreadable: {exc}") from exc
+        self._loaded.add(name)
 
-        Up to `SHARED_KV` tokens the KV states live in one buffer allocated for `max_length`; beyond, they grow
-        as needed: a request without `max_tokens` (room for the whole 8,192-token context) would otherwise
-        allocate ~350 MB and 0.3 s up front, at about the same decode speed over a few hundred tokens."""
+    def unload_adapter(self, name: str) -> None:
+        """Forget adapter `name` and the KV states computed with it."""
+        if name in self._loaded:
+            self._kept = [k for k in self._kept if k.adapter != name]
+            self._adapters.unload(name)
+            self._loaded.discard(name)
+
+    # -- reading and decoding --------------------------------------------------------------------------------
+    def _generator(self, ids: list[int], max_length: int, adapter: str | None, keep: int) -> tuple[Any, int]:
+        """A generator holding the longest kept prefix of `ids` (at most `len(ids) - keep` tokens) with room
+        for `max_length` tokens, and that prefix's length (0: a new generator)."""
+        best, length = None, 0
+        for kept in self._kept:
+            if kept.adapter == adapter and kept.capacity >= max_length:
+                held = kept.generator.get_sequence(0)
+                n = min(len(held), len(ids) - keep)
+                mismatch = np.flatnonzero(np.asarray(held[:n]) != np.asarray(ids[:n]))
+                n = int(mismatch[0]) if mismatch.size else n
+                if n > length:
+                    best, length = kept, n
+        if best is not None and length >= MIN_REUSE:
+            self._kept.remove(best)
+            self._kept.append(best)
+            best.generator.rewind_to(length)
+            return best.generator, length
+        capacity = max(max_length, SHARED_KV) if self.keep else max_length
         params = self._og.GeneratorParams(self.model)
-        shared = max_length <= SHARED_KV
-        params.set_search_options(max_length=max_length, do_sample=False, past_present_share_buffer=shared)
-        generator: Any = self._og.Generator(self.model, params)
+        # up to SHARED_KV tokens the KV states live in one buffer allocated up front; beyond, they grow as
+        # needed: a request without `max_tokens` (room for the whole 8,192-token context) would otherwise
+        # allocate ~350 MB and 0.3 s up front, at about the same decode speed over a few hundred tokens
+        params.set_search_options(
+            max_length=capacity, do_sample=False, past_present_share_buffer=capacity <= SHARED_KV
+        )
+        generator = self._og.Generator(self.model, params)
+        if adapter is not None:
+            generator.set_active_adapter(self._adapters, adapter)
+        if self.keep:
+            self._kept.append(_Kept(adapter, generator, capacity))
+            del self._kept[: -self.keep]
+        return generator, 0
 
-        def advance(token_ids: list[int]) -> torch.Tensor:
-            generator.append_tokens(token_ids)
+    def start(
+        self, ids: list[int], max_length: int, adapter: str | None = None, keep: int = 1
+    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+        """Read the prompt `ids` with `adapter` (None: the base model); (the next-token logits of its last
+        `keep` positions, (keep, vocab); `advance`), where `advance(token)` reads one more token and gives the
+        logits after it, (vocab,). `max_length`: prompt plus generated tokens, at most.
+
+        A kept generator that holds a prefix of `ids` is rewound to it: only the rest is read."""
+        if adapter is not None and adapter not in self._loaded:
+            raise KeyError(f"adapter {adapter!r} is not loaded")
+        generator, done = self._generator(ids, max_length, adapter, keep)
+        generator.append_tokens(ids[done:])
+        # all positions' logits only when asked for: a long prompt's are ~200 KB per token
+        last = generator.get_logits()[0, -1:] if keep == 1 else generator.get_output("logits")[0, -keep:]
+        first = torch.from_numpy(last.astype("float32", copy=True))
+
+        def advance(token: int) -> torch.Tensor:
+            generator.append_tokens([token])
             return torch.from_numpy(generator.get_logits()[0, -1].astype("float32", copy=True))
 
-        return advance(ids), lambda token: advance([token])
+        return first, advance

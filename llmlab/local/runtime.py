@@ -10,8 +10,9 @@ Decoding is our own loop over a KV cache, so sampling, stop strings, streaming a
 (llguidance: a token mask per step) live in one place. The KV states of recent prompts are kept
 (`PromptCache`): a request that starts like an earlier one, with the same system prompt and tools, reads
 only the tokens after the shared part. One lock serialises generations; adapters are LoRA weights over
-the one shared base model, switched under that lock. With `LLMLAB_ENGINE=onnx` the base model's plain
-generation runs on an int8 ONNX Runtime GenAI model (`engine_onnx`), through the same decoding loop.
+the one shared base model, switched under that lock. With `LLMLAB_ENGINE=onnx` every generation and
+log-probability (base or adapter, plain or constrained) runs on an int8 ONNX Runtime GenAI model
+(`engine_onnx`, with its own prompt cache), through the same decoding loop; torch then serves training only.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from llmlab.local.chat_format import END, render  # noqa: E402
-from llmlab.local.engine_onnx import OnnxEngine, build_onnx_model, engine_name  # noqa: E402
+from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name  # noqa: E402
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, minilm_path, smollm2_gguf_path  # noqa: E402
 from llmlab.paths import llmlab_home  # noqa: E402
 
@@ -425,18 +426,28 @@ class ChatRuntime:
 
     # -- adapters -------------------------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
-        """Make the LoRA adapter saved in `path` usable as `adapter=name` (waits for a running generation)."""
+        """Make the LoRA adapter saved in `path` usable as `adapter=name` (waits for a running generation).
+
+        `AdapterError` when its files cannot be read: that model only fails, the others keep serving."""
         from peft import PeftModel
 
         self._ensure_loaded()
         with self._lock:
             if name in self._adapters:
                 return
-            if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+            if self._onnx is not None:
+                self._onnx.load_adapter(name, path)
             else:
-                self._peft.load_adapter(str(path), adapter_name=name)
-            self._model.requires_grad_(False)
+                try:
+                    if self._peft is None:
+                        self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+                    else:
+                        self._peft.load_adapter(str(path), adapter_name=name)
+                except (OSError, ValueError) as exc:  # a missing file, a damaged safetensors header
+                    raise AdapterError(
+                        f"the adapter in {path} is unreadable: {type(exc).__name__}: {exc}"
+                    ) from exc
+                self._model.requires_grad_(False)
             self._adapters[name] = Path(path)
 
     def has_adapter(self, name: str) -> bool:
@@ -445,7 +456,11 @@ class ChatRuntime:
     def unload_adapter(self, name: str) -> None:
         """Forget adapter `name` and free its weights (no-op when it is not loaded)."""
         with self._lock:
-            if self._adapters.pop(name, None) is not None:
+            if self._adapters.pop(name, None) is None:
+                return
+            if self._onnx is not None:
+                self._onnx.unload_adapter(name)
+            else:
                 self._peft.delete_adapter(name)
                 self.prompt_cache.forget(name)
 
@@ -454,8 +469,8 @@ class ChatRuntime:
         """Run the model as base (None) or with one adapter; call with the lock held."""
         if adapter is not None and adapter not in self._adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
-        if self._peft is None:
-            yield
+        if self._peft is None or self._onnx is not None:
+            yield  # the ONNX engine takes the adapter per request
         elif adapter is None:
             with self._peft.disable_adapter():
                 yield
@@ -568,17 +583,16 @@ class ChatRuntime:
         return logits, cache
 
     def _decoder(
-        self, ids: list[int], adapter: str | None, max_tokens: int, constrained: bool
+        self, ids: list[int], adapter: str | None, max_tokens: int, keep: int = 1
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
-        """Read the prompt `ids`: (its next-token logits, `advance(token)` giving the logits after one more).
-
-        The ONNX engine (`LLMLAB_ENGINE=onnx`) serves the base model's unconstrained generation; adapters
-        and constrained decoding (tool calls, JSON modes) stay on torch for now, which also keeps the prompt
-        cache. Call with the lock held and `adapter` in use."""
-        if self._onnx is not None and adapter is None and not constrained:
-            return self._onnx.start(ids, max_length=len(ids) + max_tokens + 1)
-        logits, cache = self._read_prompt(ids, adapter)
-        return logits[-1], lambda token: self._forward([token], cache)[-1]
+        """Read the prompt `ids`: (the next-token logits of its last `keep` positions, (keep, vocab);
+        `advance(token)` giving the logits after one more, (vocab,)), on the ONNX engine when it is on
+        (`LLMLAB_ENGINE=onnx`), else on torch. Both reuse a cached prefix. Call with the lock held and
+        `adapter` in use."""
+        if self._onnx is not None:
+            return self._onnx.start(ids, max_length=len(ids) + max_tokens + 1, adapter=adapter, keep=keep)
+        logits, cache = self._read_prompt(ids, adapter, keep)
+        return logits, lambda token: self._forward([token], cache)[-1]
 
     def stream(
         self,
@@ -614,7 +628,8 @@ class ChatRuntime:
         tokens: list[int] = []
         text, emitted, finish = "", 0, "length"
         with self._lock, self._using(adapter):
-            logits, advance = self._decoder(ids, adapter, max_tokens, constrained=matcher is not None)
+            logits, advance = self._decoder(ids, adapter, max_tokens)
+            logits = logits[-1]
             while len(tokens) < max_tokens:
                 if matcher is not None:
                     self._mask(logits, matcher)
@@ -667,7 +682,7 @@ class ChatRuntime:
             return 0.0
         self.check_room(len(head) + len(tail), 0)
         with self._lock, self._using(adapter):
-            logits, _ = self._read_prompt(head + tail, adapter, keep=len(tail) + 1)
+            logits, _ = self._decoder(head + tail, adapter, max_tokens=0, keep=len(tail) + 1)
         logprobs = torch.log_softmax(logits[:-1], dim=-1)
         return float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())
 

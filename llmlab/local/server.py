@@ -128,12 +128,19 @@ class LocalBackend:
     def chat_target(self, model: str) -> tuple[str, str | None]:
         """(the id that serves `model`, the adapter name to generate with or None); 404/400 otherwise."""
         if model.startswith("ft:"):
+            from llmlab.local.engine_onnx import AdapterError
+
             found = self.fine_tuned_models().get(model)
             if found is None:
                 raise _model_not_found(model)
             runtime = self.models.chat()
             if not runtime.has_adapter(model):
-                runtime.load_adapter(model, found[1])
+                try:
+                    runtime.load_adapter(model, found[1])
+                except AdapterError as exc:
+                    raise APIError(
+                        400, f"The model {model} cannot be served: {exc}", "model", "model_unavailable"
+                    ) from exc
             return model, model
         local = resolve_alias(model)
         if local == CHAT_MODEL_ID:
