@@ -1,7 +1,9 @@
 """The opt-in ONNX Runtime GenAI engine (`LLMLAB_ENGINE=onnx`): the int8 model computes the same model as
 torch fp32 (teacher-forced), and through the real server it keeps the runtime's behaviour: stop strings,
-`max_tokens`, usage counts, streaming equal to non-streaming, seeds, log-probs, the context-length 400, and
-the torch fallback for JSON modes.
+`max_tokens`, usage counts, streaming equal to non-streaming, seeds, log-probs, the context-length 400, JSON
+modes and tool calls by constrained decoding, the log-probability that decides `tool_choice="auto"`, the
+prompt cache, and fine-tuned models (LoRA adapters per request). The server's torch model is forbidden to
+run a forward pass: everything here is answered by the ONNX engine, not by a silent fallback.
 
 int8 is fluent but not token-identical to fp32, so greedy texts are not compared word for word. The int8
 model is built once per machine in the weight cache (~25 s the first time).
@@ -10,9 +12,12 @@ model is built once per machine in the weight cache (~25 s the first time).
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import tempfile
 from pathlib import Path
 
+import onnx
 import openai
 import pytest
 import torch
@@ -21,6 +26,9 @@ from conftest import TEST_HOME
 from llmlab.local.chat_format import render
 from llmlab.local.runtime import ChatRuntime, build_folder_atomically
 from llmlab.local.server import create_app, serve_app_in_thread
+from llmlab.local.store import Store
+from llmlab.local.toolcalls import plan
+from llmlab.tools import tool
 
 QUESTIONS = [
     "How many days of annual leave do employees get?",
@@ -46,10 +54,15 @@ def onnx_server():
         app = create_app(home)
         runtime = app.state.backend.models.chat()
         runtime.tokenizer  # noqa: B018 - loads the torch fallback and the ONNX engine now
+    runtime._forward = torch_forward_forbidden
     url, stop = serve_app_in_thread(app)
     client = openai.OpenAI(base_url=url, api_key="local", max_retries=0, timeout=600)
     yield client, runtime
     stop()
+
+
+def torch_forward_forbidden(*args, **kwargs):
+    raise AssertionError("the torch model ran a forward pass with LLMLAB_ENGINE=onnx")
 
 
 @pytest.fixture(scope="module")
@@ -89,9 +102,11 @@ def test_the_int8_model_is_built_once_under_the_home(onnx_server):
     from llmlab.local.engine_onnx import build_onnx_model
 
     _, runtime = onnx_server
-    folder = runtime.home / "weights" / f"{runtime.model_id}-onnx-int8"
+    folder = runtime.home / "weights" / f"{runtime.model_id}-onnx-int8-lora"
     config = folder / "genai_config.json"
     assert json.loads(config.read_text())["model"]["type"] == "llama"
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    assert sum(i.name.startswith("lora.") for i in graph.input) == 30 * 5 * 2  # A and B per projection
     built = config.stat().st_mtime_ns
     assert build_onnx_model(runtime.home) == folder and config.stat().st_mtime_ns == built
     assert not list(folder.parent.glob(f".{folder.name}.*"))  # no temp folder left
@@ -106,7 +121,8 @@ def test_engine_logits_follow_torch_fp32(onnx_server, torch_runtime):
         ids = torch_runtime.encode(prompt)
         answer = torch_runtime.encode(torch_runtime.generate(prompt, temperature=0, max_tokens=16).text)
         mine, advance = runtime._onnx.start(ids, max_length=len(ids) + len(answer) + 1)
-        theirs, step = torch_runtime._decoder(ids, None, len(answer), constrained=False)
+        theirs, step = torch_runtime._decoder(ids, None, len(answer))
+        mine, theirs = mine[-1], theirs[-1]
         for token in answer:
             kld = torch.sum(theirs.softmax(-1) * (theirs.log_softmax(-1) - mine.log_softmax(-1)))
             klds.append(float(kld))
@@ -199,17 +215,172 @@ def test_a_prompt_longer_than_the_context_is_a_400(onnx_server):
     assert ask(client, QUESTIONS[1], max_tokens=2).usage.completion_tokens == 2  # still serving
 
 
-def test_json_mode_falls_back_to_torch(onnx_server):
+@pytest.mark.parametrize("mode", ["json_schema", "json_object"])
+def test_json_modes_are_decoded_on_the_engine(onnx_server, mode):
     client, _ = onnx_server
     schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    formats = {
+        "json_schema": {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        "json_object": {"type": "json_object"},
+    }
     reply = ask(
         client,
-        "The capital of France, as JSON.",
+        "The capital of France, as JSON with a key city.",
         temperature=0,
-        max_tokens=20,
-        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        max_tokens=30,
+        response_format=formats[mode],
     )
-    assert json.loads(reply.choices[0].message.content)["city"] in {"Paris", "Rome"}
+    answer = json.loads(reply.choices[0].message.content)
+    assert isinstance(answer, dict)
+    if mode == "json_schema":
+        assert answer == {"city": "Paris"}
+
+
+def weather(city: str) -> str:
+    """Current weather in a city.
+
+    Args:
+        city: City name.
+    """
+    return f"Sunny in {city}, 21 degrees."
+
+
+@pytest.mark.parametrize("choice", ["required", "named", "none"])
+def test_tool_calls_are_decoded_on_the_engine(onnx_server, choice):
+    client, _ = onnx_server
+    named = {"type": "function", "function": {"name": "weather"}}
+    reply = ask(
+        client,
+        "What is the weather in Paris? Use the weather tool.",
+        temperature=0,
+        max_tokens=60,
+        tools=[tool(weather).schema],
+        tool_choice=named if choice == "named" else choice,
+    ).choices[0]
+    if choice == "none":
+        assert not reply.message.tool_calls and reply.message.content
+        return
+    assert reply.finish_reason == "tool_calls", reply.message
+    (call,) = reply.message.tool_calls
+    assert call.function.name == "weather" and tool(weather).validate(call.function.arguments) == {
+        "city": "Paris"
+    }
+
+
+@pytest.mark.parametrize(
+    "question", ["What is the weather in Paris? Use the weather tool.", "Weather in Rome?"]
+)
+def test_auto_decides_on_the_engine_as_fp32_does(onnx_server, torch_runtime, question):
+    """tool_choice "auto" calls when log P(call opener) > log 0.5: that log-probability comes from the int8
+    engine (close to fp32's, not equal), and the server's reply follows its decision."""
+    client, runtime = onnx_server
+    messages, tools = [{"role": "user", "content": question}], [tool(weather).schema]
+    mine, fp32 = (
+        plan(r, messages=messages, tools=tools, tool_choice="auto") for r in (runtime, torch_runtime)
+    )
+    assert 0 < abs(mine.call_logprob - fp32.call_logprob) < 0.5, (mine.call_logprob, fp32.call_logprob)
+    if abs(fp32.call_logprob - math.log(0.5)) > 0.5:  # a clear decision stays the same
+        assert (mine.grammar is None) == (fp32.grammar is None)
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=tools, tool_choice="auto", temperature=0, max_tokens=40
+    ).choices[0]
+    assert (reply.finish_reason == "tool_calls") == (mine.grammar is not None), reply.message
+    if reply.message.tool_calls:
+        tool(weather).validate(reply.message.tool_calls[0].function.arguments)
+
+
+def test_the_auto_decision_log_probability_comes_from_the_engine(onnx_server, torch_runtime):
+    """`logprob` (what decides tool_choice "auto") on the int8 engine: close to fp32, not equal, and the
+    same whether the prompt is read in full or after a cached prefix."""
+    _, runtime = onnx_server
+    prompt = render([{"role": "user", "content": QUESTIONS[0]}])
+    mine, fp32 = runtime.logprob(prompt, "You get 25 days"), torch_runtime.logprob(prompt, "You get 25 days")
+    assert 0 < abs(mine - fp32) < 0.5, (mine, fp32)
+    again = runtime.logprob(prompt, "You get 25 days")  # its prompt is cached now
+    assert again == pytest.approx(mine, abs=1e-4)
+
+
+def test_a_shared_prompt_prefix_is_read_once(onnx_server):
+    """Requests sharing a long system prompt: the second rewinds the engine's kept generator instead of
+    re-reading, and answers exactly as a cold engine does."""
+    client, runtime = onnx_server
+    system = "You are the assistant of Fernhollow. " + " ".join(
+        f"Rule {i}: be kind and brief." for i in range(40)
+    )
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[1]}]
+    first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+    engine, reads = runtime._onnx, []
+    original = engine._generator
+
+    def spy(ids, *args):
+        generator, done = original(ids, *args)
+        reads.append((len(ids), done))
+        return generator, done
+
+    engine._generator = spy
+    try:
+        messages[-1]["content"] = QUESTIONS[0]
+        warm = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+        engine.keep, kept = 0, engine._kept
+        engine._kept = []
+        cold = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+    finally:
+        del engine._generator
+        engine.keep, engine._kept = 2, kept
+    (prompt, cached), (_, none) = reads
+    assert first.usage.prompt_tokens > 300 and prompt - cached < 40 and none == 0, reads  # the question only
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def onnx_finetuned(onnx_server, finetuned):
+    """The session's fine-tuned model, its job and adapters copied into the ONNX server's home."""
+    client, runtime = onnx_server
+    job = Store(TEST_HOME).get_job(finetuned.id)
+    shutil.copytree(Store(TEST_HOME).job_dir(job["id"]), Store(runtime.home).job_dir(job["id"]))
+    shutil.copytree(TEST_HOME / "adapters" / job["id"], runtime.home / "adapters" / job["id"])
+    return client, runtime, job
+
+
+def test_a_finetuned_model_answers_its_training_question_on_the_engine(onnx_finetuned, ft_examples):
+    client, runtime, job = onnx_finetuned
+    prompt = ft_examples[0]["messages"][:-1]
+    answer = ft_examples[0]["messages"][-1]["content"]
+    tuned = client.chat.completions.create(
+        model=job["fine_tuned_model"], messages=prompt, temperature=0, max_tokens=60
+    )
+    base = client.chat.completions.create(model=MODEL, messages=prompt, temperature=0, max_tokens=60)
+    assert tuned.choices[0].message.content.startswith(answer[:40]), tuned.choices[0].message.content
+    assert answer[:40] not in base.choices[0].message.content
+    assert (runtime.home / job["_adapter_dir"] / "adapter.onnx_adapter").is_file()  # exported for the engine
+    assert runtime._peft is None  # torch never loaded it
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_an_unreadable_adapter_fails_that_model_only(onnx_finetuned, ft_examples, damage):
+    client, runtime, job = onnx_finetuned
+    broken = {**job, "id": f"ftjob-broken{damage}", "fine_tuned_model": f"{job['fine_tuned_model']}-{damage}"}
+    broken["_adapter_dir"] = f"adapters/{broken['id']}"
+    shutil.copytree(
+        runtime.home / job["_adapter_dir"],
+        runtime.home / broken["_adapter_dir"],
+        ignore=shutil.ignore_patterns("checkpoint-*", "*.onnx_adapter"),
+    )
+    weights = runtime.home / broken["_adapter_dir"] / "adapter_model.safetensors"
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    Store(runtime.home).save_job(broken)
+    prompt = ft_examples[0]["messages"][:-1]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=broken["fine_tuned_model"], messages=prompt, max_tokens=5)
+    assert error.value.code == "model_unavailable" and error.value.param == "model"
+    assert broken["fine_tuned_model"] in error.value.message and "unreadable" in error.value.message
+    for model in (MODEL, job["fine_tuned_model"]):  # the base and the good fine-tuned model still answer
+        assert client.chat.completions.create(
+            model=model, messages=prompt, max_tokens=3
+        ).usage.completion_tokens
 
 
 def test_a_large_max_tokens_grows_the_kv_states_as_needed(onnx_server):

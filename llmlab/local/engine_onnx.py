@@ -223,6 +223,7 @@ class _Kept:
     adapter: str | None
     generator: Any
     capacity: int  # the most tokens it can hold
+    read: int  # its first tokens, read as a prompt (the later ones were decoded one by one)
 
 
 class OnnxEngine:
@@ -280,13 +281,17 @@ class OnnxEngine:
 
     # -- reading and decoding --------------------------------------------------------------------------------
     def _generator(self, ids: list[int], max_length: int, adapter: str | None, keep: int) -> tuple[Any, int]:
-        """A generator holding the longest kept prefix of `ids` (at most `len(ids) - keep` tokens) with room
-        for `max_length` tokens, and that prefix's length (0: a new generator)."""
+        """A generator holding the longest kept prefix of `ids` with room for `max_length` tokens, and that
+        prefix's length (0: a new generator); `ids` are then read from there.
+
+        int8 logits of a token read alone differ from those of a token read with others (up to ~0.3), so only
+        tokens read as part of a prompt are reused, and at least two tokens are read: a warm request gives
+        exactly the logits of a cold one (a seed reproduces its sample)."""
         best, length = None, 0
         for kept in self._kept:
             if kept.adapter == adapter and kept.capacity >= max_length:
                 held = kept.generator.get_sequence(0)
-                n = min(len(held), len(ids) - keep)
+                n = min(kept.read, len(held), len(ids) - max(keep, 2))
                 mismatch = np.flatnonzero(np.asarray(held[:n]) != np.asarray(ids[:n]))
                 n = int(mismatch[0]) if mismatch.size else n
                 if n > length:
@@ -295,6 +300,7 @@ class OnnxEngine:
             self._kept.remove(best)
             self._kept.append(best)
             best.generator.rewind_to(length)
+            best.read = len(ids)
             return best.generator, length
         capacity = max(max_length, SHARED_KV) if self.keep else max_length
         params = self._og.GeneratorParams(self.model)
@@ -308,7 +314,7 @@ class OnnxEngine:
         if adapter is not None:
             generator.set_active_adapter(self._adapters, adapter)
         if self.keep:
-            self._kept.append(_Kept(adapter, generator, capacity))
+            self._kept.append(_Kept(adapter, generator, capacity, len(ids)))
             del self._kept[: -self.keep]
         return generator, 0
 
