@@ -167,7 +167,7 @@ def export_adapter(adapter_dir: str | os.PathLike, layers: int) -> Path:
             return target
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         tensors = load_file(str(weights))
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # a missing file, a damaged header (safetensors' own error type), bad JSON
         raise AdapterError(f"the adapter in {folder} is unreadable: {type(exc).__name__}: {exc}") from exc
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern"):
         raise AdapterError(f"the adapter in {folder} is not a plain LoRA adapter (DoRA or per-module ranks)")
