@@ -390,3 +390,26 @@ def test_a_large_max_tokens_grows_the_kv_states_as_needed(onnx_server):
     large = ask(client, QUESTIONS[2], temperature=0, max_tokens=8000, stop=["\n"]).choices[0]
     assert large.finish_reason == small.finish_reason == "stop"
     assert large.message.content == small.message.content
+
+
+def repeats(runtime: ChatRuntime, text: str) -> float:
+    """The share of `text`'s tokens that occurred before in it."""
+    ids = runtime.encode(text)
+    return 1 - len(set(ids)) / len(ids)
+
+
+def test_repetition_penalties_apply_on_both_engines(onnx_server, torch_runtime):
+    """frequency_penalty / presence_penalty (OpenAI's; ignored before) in the one decoding loop: the greedy
+    answer that repeats itself ("12 months ... 12 months ...") repeats less, on torch and through the server
+    on the ONNX engine."""
+    client, runtime = onnx_server
+    prompt = render([{"role": "user", "content": QUESTIONS[0]}])
+    for penalty in ({"frequency_penalty": 1.0}, {"presence_penalty": 1.5}):
+        plain = torch_runtime.generate(prompt, temperature=0, max_tokens=60).text
+        penalized = torch_runtime.generate(prompt, temperature=0, max_tokens=60, **penalty).text
+        assert repeats(runtime, penalized) < repeats(runtime, plain), (plain, penalized)
+        plain = ask(client, QUESTIONS[0], temperature=0, max_tokens=60).choices[0].message.content
+        penalized = (
+            ask(client, QUESTIONS[0], temperature=0, max_tokens=60, **penalty).choices[0].message.content
+        )
+        assert repeats(runtime, penalized) < repeats(runtime, plain), (plain, penalized)

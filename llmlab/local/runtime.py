@@ -266,6 +266,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _penalized(logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+    """OpenAI's repetition penalties: each token's logit minus `frequency` x its count so far and `presence`
+    if it occurred at all.
+
+    >>> _penalized(torch.zeros(3), torch.tensor([0.0, 1, 3]), 0.5, 1.0).tolist()
+    [0.0, -1.5, -2.5]
+    """
+    return logits - counts * frequency - (counts > 0).float() * presence
+
+
 def _grammar_error(error: str) -> str:
     """llguidance's compile error without its position prefix and grammar listing.
 
@@ -607,6 +617,8 @@ class ChatRuntime:
         json_schema: dict | None = None,
         lark_grammar: str | None = None,
         logprobs: int | None = None,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
     ) -> Iterator[TextDelta]:
         """Generate text deltas for `prompt`; the generator's return value (`StopIteration.value`) is the
         final `Generation`. Close the generator (`.close()`) to stop early and release the lock.
@@ -615,6 +627,8 @@ class ChatRuntime:
         reproducible; `stop` strings cut the text (finish_reason "stop"); `json_schema` / `lark_grammar`
         constrain the output with llguidance. `logprobs` (0–20 top alternatives) gives each delta the
         log-probabilities of the tokens it completes (of the distribution sampled from, before temperature).
+        `frequency_penalty` / `presence_penalty` (-2 to 2, OpenAI's) lower the logits of tokens already
+        generated, by their count / once.
         """
         self._ensure_loaded()
         ids = self.encode(prompt)
@@ -626,11 +640,15 @@ class ChatRuntime:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else generator.seed())
         tokens: list[int] = []
+        counts = torch.zeros(0)  # of each generated token, when a penalty is asked for
         text, emitted, finish = "", 0, "length"
         with self._lock, self._using(adapter):
             logits, advance = self._decoder(ids, adapter, max_tokens)
             logits = logits[-1]
             while len(tokens) < max_tokens:
+                if frequency_penalty or presence_penalty:
+                    counts = counts if len(counts) else torch.zeros(logits.shape[-1])
+                    logits = _penalized(logits, counts, frequency_penalty, presence_penalty)
                 if matcher is not None:
                     self._mask(logits, matcher)
                 token = _sample(logits, temperature, top_p, generator)
@@ -640,6 +658,8 @@ class ChatRuntime:
                     finish = "stop"
                     break
                 tokens.append(token)
+                if len(counts):
+                    counts[token] += 1
                 if handout is not None:
                     handout.add(self._token_logprob(logits, token, logprobs))
                 text = self._tokenizer.decode(tokens, skip_special_tokens=True)

@@ -224,6 +224,8 @@ def _generation_options(request: ChatCompletionRequest, runtime: Any) -> dict:
         "seed": request.seed,
         "stop": [request.stop] if isinstance(request.stop, str) else request.stop or None,
         "logprobs": _logprobs(request),
+        "frequency_penalty": request.frequency_penalty or 0.0,
+        "presence_penalty": request.presence_penalty or 0.0,
     }
     schema = _json_schema(request.response_format)
     if schema is not None:

@@ -433,6 +433,8 @@ def complete_with_tools(
     stop: list[str] | None = None,
     parallel_tool_calls: bool = True,
     logprobs: int | None = None,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
 ) -> ToolCompletion:
     """Answer a chat-completions request that has `tools`: text, or tool calls with valid arguments.
 
@@ -450,7 +452,14 @@ def complete_with_tools(
         adapter=adapter,
         parallel_tool_calls=parallel_tool_calls,
     )
-    sampling = {"temperature": temperature, "top_p": top_p, "seed": seed, "adapter": adapter}
+    sampling = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "seed": seed,
+        "adapter": adapter,
+        "frequency_penalty": frequency_penalty,
+        "presence_penalty": presence_penalty,
+    }
     syntax = call_syntax()
     if chosen.grammar is None:
         gen = runtime.generate(
