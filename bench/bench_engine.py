@@ -10,6 +10,10 @@ stop handling and detokenizing included), llama.cpp through `Server.handle_compl
 off; both on the same prompt token ids, wall time, best of `--repeats`. Decode tokens/s = (n - 1) / (T(n) -
 T(1)) with T(k) the time to generate k tokens; prompt tokens/s = prompt length / T(1).
 
+Fine-tuned models: decode tokens/s (1 thread) with a LoRA adapter (r=16 on every linear layer, as training
+makes, random weights) switched in per request, and the seconds to make it servable (peft's load on torch;
+export to ONNX Runtime's adapter format and load on ONNX).
+
 Quality guard: the greedy answers (60 tokens) of fp32 and int8 to the course's questions whose source is a
 handbook page (`load_questions`, 53), with that page as context (`rag.build_prompt`), scored with the
 course's rule (`contains_facts`). Asked plainly, the base model knows none of these facts (0 either way).
@@ -34,7 +38,8 @@ from llmlab.compare import contains_facts, load_questions  # noqa: E402
 from llmlab.index import Hit  # noqa: E402
 from llmlab.local.chat_format import render  # noqa: E402
 from llmlab.local.engine_onnx import build_onnx_model  # noqa: E402
-from llmlab.local.runtime import ChatRuntime, PromptCache  # noqa: E402
+from llmlab.local.runtime import ChatRuntime, PromptCache, load_chat_model  # noqa: E402
+from llmlab.local.training import LORA_ALPHA, LORA_RANK  # noqa: E402
 from llmlab.models import smollm2_gguf_path  # noqa: E402
 from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text  # noqa: E402
 from llmlab.rag import build_prompt  # noqa: E402
@@ -90,12 +95,53 @@ def ours(home: Path, engine: str, threads: int) -> tuple[ChatRuntime, Timer]:
     finally:
         del os.environ["LLMLAB_ENGINE"], os.environ["LLMLAB_THREADS"]
     runtime.prompt_cache = PromptCache(budget=0)  # every prompt is read in full, as for llama.cpp
+    if runtime._onnx is not None:
+        runtime._onnx.keep = 0  # the ONNX engine's own prompt cache
+    return runtime, ours_timer(runtime)
 
+
+def ours_timer(runtime: ChatRuntime, adapter: str | None = None) -> Timer:
     def timer(ids: list[int], tokens: int) -> int:
         prompt = runtime.tokenizer.decode(ids)
-        return runtime.generate(prompt, temperature=0, max_tokens=tokens).completion_tokens
+        return runtime.generate(prompt, temperature=0, max_tokens=tokens, adapter=adapter).completion_tokens
 
-    return runtime, timer
+    return timer
+
+
+def random_adapter(home: Path) -> Path:
+    """A peft LoRA adapter shaped as training makes them, with random weights (speed does not depend on them)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_chat_model(home)
+    config = LoraConfig(
+        r=LORA_RANK,
+        lora_alpha=LORA_ALPHA,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    folder = home / "adapters" / "bench"
+    get_peft_model(model, config).save_pretrained(folder)
+    return folder
+
+
+def with_adapter(home: Path, adapter: Path, chat: list[int], long: list[int], repeats: int) -> dict:
+    """Decode speed with the adapter on each engine (1 thread), and the seconds to load it."""
+    rows = {}
+    for name, engine in (("ours torch fp32 + LoRA", "torch"), ("ours onnx int8 + LoRA", "onnx")):
+        runtime, _ = ours(home, engine, 1)
+        start = time.perf_counter()
+        runtime.load_adapter("bench", adapter)
+        ready = round(time.perf_counter() - start, 2)
+        rows[name] = {
+            "1 thread": {
+                **speeds(ours_timer(runtime, "bench"), chat, long, repeats),
+                "adapter_ready_s": ready,
+            }
+        }
+        del runtime
+        gc.collect()
+    return rows
 
 
 def llama_cpp(threads: int) -> tuple[object, Timer]:
@@ -153,9 +199,10 @@ def main() -> None:
         del server, timer
         gc.collect()
         print(json.dumps({k: v[f"{threads} thread"] for k, v in rows.items()}), flush=True)
+    rows.update(with_adapter(home, random_adapter(home), chat, long, args.repeats))
     reference = rows["llama.cpp (xllamacpp, GGUF Q4_1)"]
     for row in rows.values():
-        for threads, cell in row.items():
+        for threads, cell in row.items():  # the LoRA rows: vs llama.cpp without an adapter
             for key in ("decode_tok_s", "prompt_tok_s"):
                 cell[key.replace("tok_s", "vs_llama_cpp")] = round(cell[key] / reference[threads][key], 2)
 

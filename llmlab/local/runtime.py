@@ -439,8 +439,6 @@ class ChatRuntime:
         """Make the LoRA adapter saved in `path` usable as `adapter=name` (waits for a running generation).
 
         `AdapterError` when its files cannot be read: that model only fails, the others keep serving."""
-        from peft import PeftModel
-
         self._ensure_loaded()
         with self._lock:
             if name in self._adapters:
@@ -448,6 +446,8 @@ class ChatRuntime:
             if self._onnx is not None:
                 self._onnx.load_adapter(name, path)
             else:
+                from peft import PeftModel
+
                 try:
                     if self._peft is None:
                         self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
