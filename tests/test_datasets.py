@@ -11,8 +11,8 @@ import pytest
 from crashes import killed_at_replace
 
 from llmlab import tokens
+from llmlab.course.data import DATA_DIR
 from llmlab.datasets import MIN_EXAMPLES, ChatDataset, Problem, ValidationReport, validate_file
-from llmlab.paths import DATA_DIR
 
 matplotlib.use("Agg")
 

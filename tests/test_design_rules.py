@@ -1,8 +1,8 @@
 """The design's import rules (the `[tool.importlinter]` contracts in pyproject.toml) hold, and can fail.
 
 `lint-imports` (import-linter) runs on the real tree, and once on a copy of the package into which imports
-that break each rule have been planted: a helper importing the backend, a helper importing the ui, the
-token counter importing an HTTP client.
+that break each rule have been planted: a helper importing the backend, a helper importing the ui, a helper
+importing the course, the token counter importing an HTTP client.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
@@ -20,6 +22,7 @@ PLANTED = {
     "tools.py": ("from llmlab.local import chat_format", "llmlab.tools -> llmlab.local.chat_format"),
     "rag.py": ("from llmlab.ui import svg", "llmlab.rag -> llmlab.ui.svg"),
     "tokens.py": ("import openai", "llmlab.tokens -> openai"),
+    "embed.py": ("from llmlab.course import data", "llmlab.embed -> llmlab.course.data"),
 }
 
 
@@ -50,8 +53,25 @@ def test_the_check_fails_on_helpers_that_break_the_rules(tmp_path):
     result = lint_imports(tmp_path)
 
     assert result.returncode == 1, result.stdout + result.stderr
-    assert "0 kept, 3 broken" in result.stdout
+    assert "0 kept, 4 broken" in result.stdout
     for _, reported in PLANTED.values():
         assert reported in result.stdout
     # an indirect import counts too: the ui reaches the backend through the planted import in tools
     assert "llmlab.ui is not allowed to import llmlab.local" in result.stdout
+
+
+def _contract(contract_id: str) -> dict:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    return next(c for c in config["tool"]["importlinter"]["contracts"] if c["id"] == contract_id)
+
+
+def test_every_module_but_the_course_is_bound_by_the_course_contract():
+    """A module added to llmlab later is bound too: the contract lists every module and subpackage of llmlab
+    but llmlab.course (and the package's own __init__ and __main__, which import only listed modules)."""
+    package = ROOT / "llmlab"
+    children = {p.stem for p in package.glob("*.py")} | {
+        p.name for p in package.iterdir() if (p / "__init__.py").is_file()
+    }
+    expected = {f"llmlab.{name}" for name in children - {"__init__", "__main__", "course"}}
+    assert set(_contract("helpers-not-course")["source_modules"]) == expected
