@@ -2,11 +2,14 @@
 
 `lint-imports` (import-linter) runs on the real tree, and once on a copy of the package into which imports
 that break each rule have been planted: a helper importing the backend, a helper importing the ui, a helper
-importing the course, the token counter importing an HTTP client.
+importing the course, the token counter importing an HTTP client. The notebooks are held to the same arrow:
+they reach models through the API only (their Colab set-up cell alone builds the weight cache).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 import subprocess
 import sys
@@ -75,3 +78,35 @@ def test_every_module_but_the_course_is_bound_by_the_course_contract():
     }
     expected = {f"llmlab.{name}" for name in children - {"__init__", "__main__", "course"}}
     assert set(_contract("helpers-not-course")["source_modules"]) == expected
+
+
+BACKEND_IMPORT = re.compile(
+    r"^[ \t]*(?:from\s+llmlab\.local\b|import\s+llmlab\.local\b|from\s+llmlab\s+import\s.*\blocal\b).*", re.M
+)
+
+
+def backend_imports(notebook: Path) -> list[str]:
+    """`cell N: line` for every import of llmlab.local in `notebook`, but in its set-up cell (cell 1)."""
+    cells = json.loads(notebook.read_text(encoding="utf-8"))["cells"]
+    return [
+        f"cell {i}: {m.group(0).strip()}"
+        for i, cell in enumerate(cells)
+        if cell["cell_type"] == "code" and i != 1
+        for m in BACKEND_IMPORT.finditer("".join(cell["source"]))
+    ]
+
+
+def test_notebooks_reach_models_only_through_the_api():
+    found = {nb.name: backend_imports(nb) for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))}
+    assert len(found) == 9 and not any(found.values()), found
+
+
+def test_the_notebook_rule_catches_a_backend_import(tmp_path):
+    cells = [
+        {"cell_type": "code", "source": [line]}
+        for line in ("x = 1\n", "from llmlab.local.runtime import build_weight_cache\n")
+    ]
+    cells += [{"cell_type": "code", "source": ["if True:\n", "    from llmlab.local import chat_format\n"]}]
+    cells += [{"cell_type": "markdown", "source": ["from llmlab.local import chat_format"]}]
+    (tmp_path / "nb.ipynb").write_text(json.dumps({"cells": cells}), encoding="utf-8")
+    assert backend_imports(tmp_path / "nb.ipynb") == ["cell 2: from llmlab.local import chat_format"]
