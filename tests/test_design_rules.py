@@ -113,3 +113,17 @@ def test_the_notebook_rule_catches_a_backend_import(tmp_path):
     cells += [{"cell_type": "markdown", "source": ["from llmlab.local import chat_format"]}]
     (tmp_path / "nb.ipynb").write_text(json.dumps({"cells": cells}), encoding="utf-8")
     assert backend_imports(tmp_path / "nb.ipynb") == ["cell 2: from llmlab.local import chat_format"]
+
+
+def test_the_readme_layout_names_every_module():
+    """The README's Layout table stays true: it names every module and subpackage of llmlab, and no other."""
+    layout = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("\n## ", 1)[0]
+    named = set()
+    for cell in re.findall(r"^\| ([^|]*`llmlab[^|]*) \|", layout, re.M):
+        for name in re.findall(r"`(?:llmlab\.)?(\w+)`", cell):
+            named.add(name)
+    package = ROOT / "llmlab"
+    modules = {p.stem for p in package.glob("*.py")} | {
+        p.name for p in package.iterdir() if (p / "__init__.py").is_file()
+    }
+    assert named == modules - {"__init__", "__main__"}
