@@ -12,7 +12,9 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
+_CHUNK_BYTES = 1 << 20
 # The source tree (a checkout or an editable install), for tests and benchmarks; the course's data files are
 # found through llmlab.course.data.
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,18 +27,25 @@ def llmlab_home() -> Path:
     return home
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | BinaryIO) -> Path:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never half of one.
+
+    `data` may be a binary file object: it is copied in chunks, never held in memory whole.
 
     >>> atomic_write_bytes("/tmp/llmlab-example.txt", b"hi").read_bytes()
     b'hi'
+    >>> import io; atomic_write_bytes("/tmp/llmlab-example.txt", io.BytesIO(b"streamed")).read_bytes()
+    b'streamed'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, _CHUNK_BYTES)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
