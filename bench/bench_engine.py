@@ -11,7 +11,7 @@ off; both on the same prompt token ids, wall time, best of `--repeats`. Decode t
 T(1)) with T(k) the time to generate k tokens; prompt tokens/s = prompt length / T(1).
 
 Fine-tuned models: decode tokens/s (1 thread) with a LoRA adapter (r=16 on every linear layer, as training
-makes, random weights) switched in per request, and the seconds to make it servable (peft's load on torch;
+makes, freshly initialised) switched in per request, and the seconds to make it servable (peft's load on torch;
 export to ONNX Runtime's adapter format and load on ONNX).
 
 Quality guard: the greedy answers (60 tokens) of fp32 and int8 to the course's questions whose source is a
@@ -110,7 +110,8 @@ def ours_timer(runtime: ChatRuntime, adapter: str | None = None) -> Timer:
 
 
 def random_adapter(home: Path) -> Path:
-    """A peft LoRA adapter shaped as training makes them, with random weights (speed does not depend on them)."""
+    """A peft LoRA adapter shaped as training makes them, freshly made (B = 0: it answers as the base model,
+    for as many tokens; speed does not depend on the weights' values)."""
     from peft import LoraConfig, get_peft_model
 
     model, _ = load_chat_model(home)
@@ -118,7 +119,6 @@ def random_adapter(home: Path) -> Path:
         r=LORA_RANK,
         lora_alpha=LORA_ALPHA,
         target_modules="all-linear",
-        init_lora_weights=False,
         task_type="CAUSAL_LM",
     )
     folder = home / "adapters" / "bench"
