@@ -38,12 +38,12 @@ DOCUMENT_SUFFIXES = (".md", ".txt")
 # The seed's prompt, plus the OpenAI Cookbook's "say you don't know" (its question-answering notebook), so that a
 # model may abstain and can be measured on questions the documents do not answer. Context in the system message and
 # the question alone in the user message: on 4 handbook questions SmolLM2-135M answered 3 right this way and 1
-# with everything in one user message (which also made it answer "1" when asked to cite sources by number). The
-# abstain instruction goes right after the question: on the 10 questions of data/unanswerable.jsonl SmolLM2-135M
-# abstained on none with it in the system message (before or after the context) and on some with it here, while
-# its accuracy on the 30 answerable handbook questions did not drop.
-PROMPT_INTRO = "Using the following context, answer the user's question."
+# with everything in one user message (which also made it answer "1" when asked to cite sources by number).
+# Where the instruction goes was measured on the 30 answerable handbook questions and the 10 of
+# data/unanswerable.jsonl: here, SmolLM2-135M answered 12 right (11 without it) and abstained on none; right after
+# the question, it abstained on 4 of the 10 but also on 9 answerable ones, and got only 4 right.
 ABSTAIN_INSTRUCTION = 'If the context does not contain the answer, say "I don\'t know".'
+PROMPT_INTRO = f"Using the following context, answer the user's question. {ABSTAIN_INSTRUCTION}"
 # What counts as abstaining: an answer containing one of these phrases (lower case, straight apostrophes).
 ABSTAIN_PHRASES = (
     "i don't know",
@@ -210,24 +210,23 @@ def _documents(items: Any) -> list[tuple[str | None, Path | None, str]]:
 
 
 def build_prompt(question: str, hits: Iterable[Any]) -> list[dict]:
-    """The chat messages that ask `question` with the hits as numbered context (the seed's prompt), and tell the
+    """The chat messages that ask `question` with the hits as numbered context (the seed's prompt), telling the
     model to say "I don't know" when the context does not hold the answer.
 
     >>> from llmlab.index import Hit
     >>> for message in build_prompt("Dogs?", [Hit("d.md#0", 0.9, "On Thursdays.", {})]):
     ...     print(f"{message['role']}: {message['content']}")
-    system: Using the following context, answer the user's question.
+    system: Using the following context, answer the user's question. If the context does not contain the answer, say "I don't know".
     <BLANKLINE>
     Context:
     [1] On Thursdays.
     user: Question: Dogs?
-    If the context does not contain the answer, say "I don't know".
     """
     blocks = [f"[{i}] {(hit.text or '').strip()}" for i, hit in enumerate(hits, 1)]
     context = "\n\n".join(blocks) if blocks else "(no documents found)"
     return [
         {"role": "system", "content": f"{PROMPT_INTRO}\n\nContext:\n{context}"},
-        {"role": "user", "content": f"Question: {question}\n{ABSTAIN_INSTRUCTION}"},
+        {"role": "user", "content": f"Question: {question}"},
     ]
 
 

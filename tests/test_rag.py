@@ -9,7 +9,16 @@ import pytest
 
 from llmlab.index import Hit, VectorIndex
 from llmlab.paths import DATA_DIR, read_data_jsonl
-from llmlab.rag import Answer, KnowledgeBase, abstains, build_prompt, chunk, chunk_spans, document_title
+from llmlab.rag import (
+    ABSTAIN_INSTRUCTION,
+    Answer,
+    KnowledgeBase,
+    abstains,
+    build_prompt,
+    chunk,
+    chunk_spans,
+    document_title,
+)
 from llmlab.tokens import count_tokens
 
 HANDBOOK = DATA_DIR / "handbook"
@@ -93,25 +102,23 @@ def test_prompt_has_the_seed_shape():
     assert build_prompt("How many days?", hits) == [
         {
             "role": "system",
-            "content": "Using the following context, answer the user's question.\n\n"
+            "content": "Using the following context, answer the user's question. "
+            'If the context does not contain the answer, say "I don\'t know".\n\n'
             "Context:\n[1] You get 27 days.\n\n[2] Other text.",
         },
-        {
-            "role": "user",
-            "content": 'Question: How many days?\nIf the context does not contain the answer, say "I don\'t know".',
-        },
+        {"role": "user", "content": "Question: How many days?"},
     ]
     assert KnowledgeBase.build_prompt("Q?", []) == build_prompt("Q?", [])
 
 
 def test_the_prompt_lets_the_model_abstain():
-    """The Cookbook's QA lesson: the instruction to say "I don't know" follows the question in every prompt."""
+    """The Cookbook's QA lesson: the instruction to say "I don't know" is in every prompt, with or without hits."""
     for hits in ([Hit("a#0", 0.5, "Dogs come on Thursdays.", {})], []):
-        question = build_prompt("Is there a gym?", hits)[-1]
-        assert question["role"] == "user"
-        assert question["content"].endswith(
-            '\nIf the context does not contain the answer, say "I don\'t know".'
+        system = build_prompt("Is there a gym?", hits)[0]["content"]
+        assert system.startswith(
+            f"Using the following context, answer the user's question. {ABSTAIN_INSTRUCTION}"
         )
+    assert ABSTAIN_INSTRUCTION == 'If the context does not contain the answer, say "I don\'t know".'
 
 
 @pytest.mark.parametrize(
@@ -218,8 +225,9 @@ def test_answer_with_sources_prompt_usage_and_timings(handbook, lab):
 
 
 def test_the_instruction_makes_the_model_abstain_where_the_handbook_is_silent(lab, handbook):
-    """Greedy answers to two questions no policy answers (coffee prices, a dress code): with the prompt's
-    instruction the model says it does not know more often than with the same prompt without it."""
+    """Greedy answers to two questions no policy answers (coffee prices, a dress code), with the handbook's
+    context: with the instruction right after the question SmolLM2-135M says it does not know, which the
+    seed's prompt alone never makes it say. (Notebook 05 measures where the instruction is best placed.)"""
     questions = {row["id"]: row["question"] for row in read_data_jsonl("unanswerable.jsonl")}
 
     def abstained(messages: list[dict]) -> bool:
@@ -230,10 +238,13 @@ def test_the_instruction_makes_the_model_abstain_where_the_handbook_is_silent(la
 
     with_rule, without = 0, 0
     for question in (questions["u01"], questions["u02"]):
-        messages = handbook.build_prompt(question, handbook.search(question, k=3))
-        seed_only = [messages[0], {"role": "user", "content": f"Question: {question}"}]
-        with_rule += abstained(messages)
-        without += abstained(seed_only)
+        system, user = handbook.build_prompt(question, handbook.search(question, k=3))
+        seed = {"role": "system", "content": system["content"].replace(f" {ABSTAIN_INSTRUCTION}", "", 1)}
+        assert seed["content"] != system["content"]
+        with_rule += abstained(
+            [seed, {"role": "user", "content": f"{user['content']}\n{ABSTAIN_INSTRUCTION}"}]
+        )
+        without += abstained([seed, user])
     assert with_rule > without, (with_rule, without)
 
 
