@@ -24,7 +24,6 @@ reads the save folder.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from llmlab.index_files import (
     write_folder,
 )
 from llmlab.index_hnsw import HNSW_DEFAULTS, HnswBackend
+from llmlab.index_inputs import Metadata, check_ids, check_metadata, check_texts, check_vectors
 from llmlab.rwlock import RWLock
 from llmlab.where import compile_where
 
@@ -62,26 +62,6 @@ __all__ = [
 METRICS = ("cosine", "ip", "l2")
 _BACKENDS: dict[str, Callable[..., SearchBackend]] = {"exact": ExactBackend, "hnsw": HnswBackend}
 BACKENDS = tuple(_BACKENDS)
-
-
-class Metadata(dict):
-    """An item's metadata as the index keeps it and hits show it: a dict that cannot be changed, so that every
-    hit can share the index's own (``dict(hit.metadata)`` is a copy to change).
-
-    >>> Metadata({"source": "a.md"})["page"] = 2
-    Traceback (most recent call last):
-    TypeError: metadata in an index is read-only: change a copy, dict(metadata), and upsert it
-    """
-
-    __slots__ = ()
-
-    def _read_only(self, *args: Any, **kwargs: Any) -> None:
-        raise TypeError("metadata in an index is read-only: change a copy, dict(metadata), and upsert it")
-
-    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _read_only
-
-    def __reduce__(self) -> tuple:  # copy and pickle without calling __setitem__
-        return Metadata, (dict(self),)
 
 
 class Hit(NamedTuple):
@@ -243,79 +223,6 @@ class VectorIndex:
         """All ids, in insertion order."""
         return list(self._ids)
 
-    # ---- input checks ---------------------------------------------------------------------------
-    def _check_vectors(self, vectors: Any, what: str = "vectors") -> np.ndarray:
-        try:
-            x = np.array(vectors, dtype=np.float32, ndmin=2)
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{what} must be numbers of shape (n, {self.dim}): {e}") from None
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"{what} must have dimension {self.dim}, got shape {np.shape(vectors)}")
-        squares = float(np.vdot(x, x))  # one pass; not finite if any entry is not (or if it overflows)
-        if not math.isfinite(squares):
-            bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
-            if len(bad):
-                raise ValueError(f"{what} contain NaN or inf (rows {bad[:5].tolist()})")
-        if self.metric == "cosine" and len(x) == 1 and 0 < squares < math.inf:
-            x /= math.sqrt(squares)  # one query: its norm is already known
-        elif self.metric == "cosine":
-            norms = np.sqrt(np.einsum("ij,ij->i", x, x))
-            if not norms.all():
-                raise ValueError(
-                    f"{what}: zero vectors have no direction (rows {np.flatnonzero(norms == 0)[:5].tolist()})"
-                )
-            x /= norms[:, None]
-        return x
-
-    @staticmethod
-    def _check_ids(ids: Any, n: int) -> list[str]:
-        if isinstance(ids, (str, int)):
-            ids = [ids]
-        ids = [str(i) if isinstance(i, (int, np.integer)) and not isinstance(i, bool) else i for i in ids]
-        if len(ids) != n:
-            raise ValueError(f"got {len(ids)} ids for {n} vectors")
-        if not all(isinstance(i, str) for i in ids):
-            raise TypeError(
-                f"ids must be strings, got {[type(i).__name__ for i in ids if not isinstance(i, str)][:3]}"
-            )
-        if len(set(ids)) != n:
-            seen: set[str] = set()
-            dups = [i for i in ids if i in seen or seen.add(i)]
-            raise ValueError(f"duplicate ids in one call: {dups[:5]}")
-        return ids
-
-    @staticmethod
-    def _check_texts(texts: Any, n: int) -> list[str | None]:
-        if texts is None:
-            return [None] * n
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        if len(texts) != n or not all(t is None or isinstance(t, str) for t in texts):
-            raise ValueError(f"texts must be {n} strings (or None), got {texts!r:.200}")
-        return texts
-
-    @staticmethod
-    def _check_metadata(metadata: Any, n: int) -> list[Metadata]:
-        if metadata is None:
-            return [Metadata() for _ in range(n)]
-        metadata = [metadata] if isinstance(metadata, dict) else list(metadata)
-        if len(metadata) != n:
-            raise ValueError(f"got {len(metadata)} metadata dicts for {n} vectors")
-        out = []
-        for i, m in enumerate(metadata):
-            m = {} if m is None else m
-            if not isinstance(m, dict) or not all(isinstance(k, str) for k in m):
-                raise ValueError(f"metadata[{i}] must be a dict with string keys, got {m!r:.200}")
-            try:
-                text = json.dumps(m, allow_nan=False)
-            except (TypeError, ValueError) as e:
-                raise ValueError(f"metadata[{i}] must be JSON-serializable: {e}") from None
-            out.append(Metadata(json.loads(text)))  # a deep copy, as save + load would make it
-        return out
-
-    def _check_queries(self, query_vectors: Any) -> tuple[np.ndarray, bool]:
-        single = np.ndim(query_vectors) == 1
-        return self._check_vectors(query_vectors, "query vectors"), single
-
     # ---- writes ---------------------------------------------------------------------------------
     def add(
         self,
@@ -328,11 +235,11 @@ class VectorIndex:
 
         Nothing is added when any input is invalid.
         """
-        x = self._check_vectors(vectors)
+        x = check_vectors(vectors, self.dim, self.metric)
         n = len(x)
-        given = None if ids is None else self._check_ids(ids, n)
-        texts = self._check_texts(texts, n)
-        metas = self._check_metadata(metadata, n)
+        given = None if ids is None else check_ids(ids, n)
+        texts = check_texts(texts, n)
+        metas = check_metadata(metadata, n)
         with self._lock.write():
             if given is None:
                 given, auto = [], self._auto
@@ -355,11 +262,11 @@ class VectorIndex:
         metadata: Sequence[dict | None] | None = None,
     ) -> None:
         """Add new ids and replace existing ones (vector, text and metadata), keeping their position."""
-        x = self._check_vectors(vectors)
+        x = check_vectors(vectors, self.dim, self.metric)
         n = len(x)
-        ids = self._check_ids(ids, n)
-        texts = self._check_texts(texts, n)
-        metas = self._check_metadata(metadata, n)
+        ids = check_ids(ids, n)
+        texts = check_texts(texts, n)
+        metas = check_metadata(metadata, n)
         with self._lock.write():
             old = [j for j, i in enumerate(ids) if i in self._row]
             if old:
@@ -460,7 +367,10 @@ class VectorIndex:
         """
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}")
-        q, single = self._check_queries(query_vectors)
+        q, single = (
+            check_vectors(query_vectors, self.dim, self.metric, "query vectors"),
+            np.ndim(query_vectors) == 1,
+        )
         match = None if where is None else compile_where(where)
         key = None if where is None else json.dumps(where, sort_keys=True, default=repr)
         with self._lock.read():
