@@ -341,8 +341,8 @@ def test_save_load_round_trip(tmp_path, data, backend, metric):
     assert manifest["version"] == 1 and manifest["count"] == 799
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp dirs left behind
     assert loaded.add(x[1000:3000])[0] == "800"  # grows past the saved capacity; ids continue
-    if backend == "hnsw":
-        assert loaded.ef == 64 and loaded._backend.graph.ef == 64  # re-applied after load (hnswlib resets it to 10)
+    if backend == "hnsw":  # ef is re-applied after load (hnswlib resets it to 10)
+        assert loaded.ef == 64 and loaded._backend.graph.ef == 64
 
 
 def saved_twice(path) -> str:
