@@ -7,39 +7,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tempfile
-from importlib.resources import files
 from pathlib import Path
+from typing import BinaryIO
 
+_CHUNK_BYTES = 1 << 20
+# The source tree (a checkout or an editable install), for tests and benchmarks; the course's data files are
+# found through llmlab.course.data.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _data_dir() -> Path:
-    """The kit's data: `llmlab/_data` in an installed wheel, else `data/` of the source tree (a checkout or an
-    editable install, where the folder stays at the top of the repository).
-
-    >>> (_data_dir() / "employees.csv").is_file()
-    True
-    """
-    packaged = files("llmlab") / "_data"
-    return Path(str(packaged)) if packaged.is_dir() else REPO_ROOT / "data"
-
-
-DATA_DIR = _data_dir()
-
-
-def read_data_jsonl(name: str) -> list[dict]:
-    """The records of the JSONL file `name` in data/ (blank lines skipped): the kit's own, well-formed data.
-
-    >>> read_data_jsonl("eval.jsonl")[0]["kind"]
-    'paraphrase'
-    """
-    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def llmlab_home() -> Path:
@@ -49,18 +27,25 @@ def llmlab_home() -> Path:
     return home
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | BinaryIO) -> Path:
     """Write `data` to `path` so that a crash leaves either the old file or the new one, never half of one.
+
+    `data` may be a binary file object: it is copied in chunks, never held in memory whole.
 
     >>> atomic_write_bytes("/tmp/llmlab-example.txt", b"hi").read_bytes()
     b'hi'
+    >>> import io; atomic_write_bytes("/tmp/llmlab-example.txt", io.BytesIO(b"streamed")).read_bytes()
+    b'streamed'
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            if isinstance(data, bytes | bytearray | memoryview):
+                f.write(data)
+            else:
+                shutil.copyfileobj(data, f, _CHUNK_BYTES)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -20,8 +20,8 @@ import pytest
 from crashes import killed_at_replace
 
 import llmlab.index as index_mod
+from llmlab.course.data import DATA_DIR
 from llmlab.index import IndexFormatError, SearchResults, VectorIndex, compile_where
-from llmlab.paths import DATA_DIR
 
 METRICS = ["cosine", "ip", "l2"]
 

@@ -108,7 +108,7 @@ def test_notebook_07_compares_without_the_fine_tuned_model(no_fine_tuning_url, t
     url, seen = no_fine_tuning_url
     nb = run_notebook("07_compare_and_combine.ipynb", tmp_path, {"PER_KIND = 3": "PER_KIND = 1"})
     assert f"{url}/ {SKIPPED}: the fine-tuned model is left out of the comparison." in shown(nb)
-    summary = next(c for c in nb.cells if "results = compare.summarize" in c.source)
+    summary = next(c for c in nb.cells if c.source.startswith("rows = ") and "summarize(" in c.source)
     table = next(o["data"]["text/plain"] for o in summary.outputs if o["output_type"] == "execute_result")
     assert "RAG" in table and "hybrid" in table and "fine-tuned" not in table
     assert any(r.startswith("POST /v1/chat/completions") for r in seen)

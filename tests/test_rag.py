@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from llmlab.course.data import DATA_DIR
 from llmlab.index import Hit, VectorIndex
-from llmlab.paths import DATA_DIR
 from llmlab.rag import Answer, KnowledgeBase, build_prompt, chunk, chunk_spans, document_title
 from llmlab.tokens import count_tokens
 

@@ -533,12 +533,19 @@ def _page(items: list[dict], after: str | None, limit: int) -> dict:
 
 
 def _get_job(backend: LocalBackend, job_id: str) -> dict:
+    """The FineTuningJob `job_id` as served; a 404 when there is none or its stored record does not render
+    (listing skips such a record too)."""
     job = backend.store.get_job(job_id)
-    if job is None:
-        raise APIError(
-            404, f"No fine-tuning job found with id '{job_id}'.", "fine_tuning_job_id", "not_found"
-        )
-    return job
+    reason = ""
+    if job is not None:
+        try:
+            return _job(job)
+        except ValueError as exc:
+            _log.warning("llmlab: the stored record of job %s does not render: %s", job_id, exc)
+            reason = " (its stored record is damaged; see the server's log)"
+    raise APIError(
+        404, f"No fine-tuning job found with id '{job_id}'{reason}.", "fine_tuning_job_id", "not_found"
+    )
 
 
 def _get_file(backend: LocalBackend, file_id: str) -> dict:
@@ -604,7 +611,7 @@ def create_app(
 
     @app.post("/v1/files")
     def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[FilePurpose, Form()]) -> dict:
-        return _file(backend.store.add_file(file.file.read(), file.filename or "upload", purpose))
+        return _file(backend.store.add_file(file.file, file.filename or "upload", purpose))
 
     @app.get("/v1/files")
     def list_files(
@@ -649,7 +656,7 @@ def create_app(
 
     @app.get("/v1/fine_tuning/jobs/{job_id}")
     def get_job(job_id: str) -> dict:
-        return _job(_get_job(backend, job_id))
+        return _get_job(backend, job_id)
 
     @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
     def cancel_job(job_id: str) -> dict:

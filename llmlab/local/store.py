@@ -26,7 +26,7 @@ import string
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from llmlab.openai_facts import FINISHED_JOB_STATUSES
 from llmlab.paths import atomic_write_bytes, atomic_write_text
@@ -95,14 +95,14 @@ class Store:
             return None
 
     # -- files -------------------------------------------------------------------------------------
-    def add_file(self, data: bytes, filename: str, purpose: str) -> dict:
-        """Store `data` and return its FileObject dict."""
+    def add_file(self, data: bytes | BinaryIO, filename: str, purpose: str) -> dict:
+        """Store `data` (bytes, or a binary file copied in chunks) and return its FileObject dict."""
         file_id = new_id("file-")
-        atomic_write_bytes(self.files_dir / file_id, data)
+        stored = atomic_write_bytes(self.files_dir / file_id, data)
         record = {
             "id": file_id,
             "object": "file",
-            "bytes": len(data),
+            "bytes": stored.stat().st_size,
             "created_at": int(time.time()),
             "filename": filename,
             "purpose": purpose,
