@@ -25,9 +25,10 @@ os.environ["LLMLAB_HOME"] = tempfile.mkdtemp(prefix="llmlab-bench-embed-")  # an
 import numpy as np  # noqa: E402
 
 import llmlab  # noqa: E402
+from llmlab.course.data import DATA_DIR  # noqa: E402
 from llmlab.embed import embed  # noqa: E402
 from llmlab.models import minilm_path  # noqa: E402
-from llmlab.paths import DATA_DIR, atomic_write_text  # noqa: E402
+from llmlab.paths import atomic_write_text  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "embed.json"
 

@@ -30,13 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _homes import fresh_home  # noqa: E402
 
-from llmlab.compare import contains_facts, load_questions  # noqa: E402
+from llmlab.course.data import DATA_DIR  # noqa: E402
+from llmlab.course.questions import contains_facts, load_questions  # noqa: E402
 from llmlab.index import Hit  # noqa: E402
 from llmlab.local.chat_format import render  # noqa: E402
 from llmlab.local.engine_onnx import build_onnx_model  # noqa: E402
 from llmlab.local.runtime import ChatRuntime, PromptCache  # noqa: E402
 from llmlab.models import smollm2_gguf_path  # noqa: E402
-from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text  # noqa: E402
+from llmlab.paths import REPO_ROOT, atomic_write_text  # noqa: E402
 from llmlab.rag import build_prompt  # noqa: E402
 
 SYSTEM = (
@@ -116,7 +117,7 @@ def llama_cpp(threads: int) -> tuple[object, Timer]:
 
 
 def quality(runtime: ChatRuntime, questions: list[dict]) -> list[bool]:
-    """Whether each greedy answer (60 tokens, as `compare.plain`), its handbook page as context, holds its facts."""
+    """Whether each greedy answer (60 tokens, as `llmlab.course.evaluation.plain`), its handbook page as context, holds its facts."""
     right = []
     for q in questions:
         page = (DATA_DIR / "handbook" / q["source"]).read_text()

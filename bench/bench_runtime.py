@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
+from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render
 from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime
 from llmlab.models import minilm_path, smollm2_gguf_path
-from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text, llmlab_home
+from llmlab.paths import REPO_ROOT, atomic_write_text, llmlab_home
 
 STORY = render([{"role": "user", "content": "Write a long story about a lighthouse keeper and a storm."}])
 WEATHER = render(

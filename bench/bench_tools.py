@@ -20,8 +20,9 @@ import statistics
 import sys
 import time
 
-from llmlab import company
-from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text, llmlab_home
+from llmlab.course import company, evaluation, questions
+from llmlab.course.data import DATA_DIR
+from llmlab.paths import REPO_ROOT, atomic_write_text, llmlab_home
 
 print = functools.partial(print, flush=True)  # progress shows when redirected to a log
 RESULTS = REPO_ROOT / "bench" / "results" / "tools.json"
@@ -68,9 +69,9 @@ def bench_speed(tools: list[dict], question: str, repeats: int = 3) -> dict:
 # ------------------------------------------------------------------------------------------ 2. quality
 def evaluate(lab, model: str, cases: list[dict], tool_choice: str) -> dict:
     """Share of cases where the first tool call names the right tool (or none when none is right), and where
-    its arguments are right too (`llmlab.company.evaluate_tool_calls` asks and scores)."""
+    its arguments are right too (`llmlab.course.evaluation.evaluate_tool_calls` asks and scores)."""
     start = time.perf_counter()
-    scores = company.evaluate_tool_calls(lab, cases, model=model, tool_choice=tool_choice, progress=False)
+    scores = evaluation.evaluate_tool_calls(lab, cases, model=model, tool_choice=tool_choice, progress=False)
     rows = [
         {"question": r.question, "tool": r.tool, "arguments": r.arguments, "ok": bool(r.right_arguments)}
         for r in scores.itertuples()
@@ -111,7 +112,7 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--skip-finetune", action="store_true")
     args = parser.parse_args()
-    tools, cases = company.tool_definitions(), company.load_tool_eval()
+    tools, cases = company.tool_definitions(), questions.load_tool_eval()
 
     speed = bench_speed(tools, cases[0]["question"])
     print("constrained vs unconstrained decoding, same prompt (s per generated token)")

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
+from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render
 from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime, torch_threads
 from llmlab.local.training import LORA_ALPHA, LORA_RANK, encode_example, train_lora
-from llmlab.paths import DATA_DIR, REPO_ROOT, atomic_write_text, llmlab_home
+from llmlab.paths import REPO_ROOT, atomic_write_text, llmlab_home
 
 EXAMPLES, EPOCHS, BATCH, LR = 16, 2, 4, 2e-3
 

@@ -112,7 +112,7 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from llmlab.datasets import validate_file
+    from llmlab.validation import validate_file
 
     try:
         report = validate_file(args.file, model=args.model)

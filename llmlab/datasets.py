@@ -1,5 +1,8 @@
 """The JSONL chat dataset for fine-tuning: build it, check it line by line, count its tokens, price it.
 
+The checks are `llmlab.validation`'s (shared with the server); this module adds what a notebook wants on
+top: DataFrames and CSV, token statistics and their plot, cost estimates, split and dedupe.
+
 One example per line, OpenAI's supervised chat format: ``{"messages": [...], "tools"?: [...]}``.
 
 >>> ds = ChatDataset.from_pairs([("What is our leave policy?", "25 days a year.")] * 2, system="You are HR.")
@@ -16,25 +19,34 @@ Only supervised chat examples are validated: a DPO line (``input``/``preferred_o
 from __future__ import annotations
 
 import csv
-import hashlib
 import html
 import io
 import json
 import random
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llmlab import jsontext, tokens
+from llmlab import tokens, validation
 from llmlab.openai_facts import FINETUNE_MODEL
 from llmlab.paths import atomic_write_text, remove_orphans, temp_names
 from llmlab.tokens import default_epochs
+from llmlab.validation import (
+    MIN_EXAMPLES,
+    Problem,
+    Validator,
+    cached_tokens,
+    example_tokens,
+    fingerprint,
+    read_examples,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
 
 __all__ = [
+    "MIN_EXAMPLES",
     "ChatDataset",
     "CostEstimate",
     "Problem",
@@ -44,450 +56,17 @@ __all__ = [
     "validate_file",
 ]
 
-MIN_EXAMPLES = 10  # OpenAI rejects training files with fewer examples
-ROLES = {"system", "user", "assistant", "tool", "function"}
-MESSAGE_KEYS = {"role", "content", "name", "weight", "function_call", "tool_calls", "tool_call_id", "refusal"}
-EXAMPLE_KEYS = {"messages", "tools", "parallel_tool_calls", "functions"}
+
+# ------------------------------------------------------------------------------------------ validation
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One problem: its 1-based line in the file (None when not from a file), class, fix, and example index."""
+class ValidationReport(validation.ValidationReport):
+    """A validation report (`llmlab.validation.ValidationReport`) with a table view for notebooks."""
 
-    line: int | None
-    code: str
-    message: str
-    example: int | None = None
-
-    def __str__(self) -> str:
-        where = f"line {self.line}" if self.line is not None else "dataset"
-        return f"{where}: [{self.code}] {self.message}"
-
-
-# ------------------------------------------------------------------------------------------ parsing
-
-
-def _parse_line(raw: bytes, line: int) -> tuple[dict | None, Problem | None]:
-    """One JSONL line (bytes, no newline) -> (example, None) or (None, problem); blank lines are problems."""
-    raw = raw.rstrip(b"\r")
-    if line == 1 and raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]  # a UTF-8 byte-order mark some editors add; JSON parsers reject it
-    if not raw.strip():
-        return None, Problem(
-            line, "blank_line", "Blank line: delete it (JSONL has one JSON object per line)."
-        )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        byte = raw[e.start : e.start + 1].hex()
-        return None, Problem(
-            line,
-            "invalid_utf8",
-            f"Byte 0x{byte} at byte {e.start + 1} is not UTF-8 ({e.reason}): re-save the file as UTF-8.",
-        )
-    try:
-        example = jsontext.loads(text)
-    except jsontext.JSONTextError as e:
-        message = (
-            f"Invalid JSON at column {e.column}: {e.reason}. Fix the quoting/commas here."
-            if e.column
-            else f"Unreadable JSON: {e.reason}. Simplify or remove this line."
-        )
-        return None, Problem(line, "invalid_json", message)
-    if not isinstance(example, dict):
-        kind = type(example).__name__
-        return None, Problem(
-            line,
-            "data_type",
-            f"Each line must be a JSON object {{...}}, not a {kind}: wrap it as {{'messages': [...]}}.",
-        )
-    return example, None
-
-
-def _share_strings(example: dict, pool: dict[str, str]) -> dict:
-    """Make repeated keys, roles and system prompts one shared string each (about 20% less memory per example)."""
-    messages = example.get("messages")
-    for i, m in enumerate(messages if isinstance(messages, list) else ()):
-        if type(m) is dict:
-            shared = m.get("role") == "system"
-            messages[i] = {
-                pool.setdefault(k, k): pool.setdefault(v, v)
-                if type(v) is str and (k == "role" or shared)
-                else v
-                for k, v in m.items()
-            }
-    return example
-
-
-def _read_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Lines of a file as bytes (split on \\n, each decoded later on its own so one bad line loses nothing)."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            yield number, raw.rstrip(b"\n")
-
-
-# ---------------------------------------------------------------------------------------- validation
-
-
-def _declared_tools(example: Mapping) -> set[str] | None:
-    tools = example.get("tools", example.get("functions"))
-    if not isinstance(tools, list):
-        return None
-    names = set()
-    for tool in tools:
-        function = tool.get("function", tool) if isinstance(tool, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            names.add(function["name"])
-    return names
-
-
-def _check_tools(example: Mapping) -> Iterator[tuple[str, str]]:
-    tools = example.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            yield (
-                "invalid_tools",
-                "`tools` must be a list of {'type': 'function', 'function': {'name': ...}}.",
-            )
-            return
-        for i, tool in enumerate(tools):
-            function = tool.get("function") if isinstance(tool, dict) else None
-            if not (isinstance(function, dict) and isinstance(function.get("name"), str)):
-                yield (
-                    "invalid_tools",
-                    f"tools[{i}] must be {{'type': 'function', 'function': {{'name': ..., 'parameters': {{...}}}}}}.",
-                )
-            elif "parameters" in function and not isinstance(function["parameters"], dict):
-                yield "invalid_tools", f"tools[{i}].function.parameters must be a JSON schema object."
-    if "parallel_tool_calls" in example and not isinstance(example["parallel_tool_calls"], bool):
-        yield "invalid_parallel_tool_calls", "`parallel_tool_calls` must be true or false."
-
-
-def _check_tool_calls(message: Mapping, i: int, declared: set[str] | None) -> Iterator[tuple[str, str]]:
-    calls = message["tool_calls"]
-    if message.get("role") != "assistant":
-        yield "invalid_tool_call", f"messages[{i}] has tool_calls but only assistant messages may call tools."
-    if not isinstance(calls, list) or not calls:
-        yield "invalid_tool_call", f"messages[{i}].tool_calls must be a non-empty list."
-        return
-    for j, call in enumerate(calls):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            yield (
-                "invalid_tool_call",
-                f"messages[{i}].tool_calls[{j}] must be {{'id': ..., 'type': 'function', "
-                "'function': {'name': ..., 'arguments': '{...}'}}.",
-            )
-            continue
-        name, arguments = function["name"], function.get("arguments")
-        if not isinstance(call.get("id"), str):
-            yield (
-                "invalid_tool_call",
-                f"messages[{i}].tool_calls[{j}] needs a string `id` (a tool message answers it).",
-            )
-        if not isinstance(arguments, str):
-            yield (
-                "tool_call_arguments_not_json",
-                f"messages[{i}].tool_calls[{j}] ({name}): `arguments` must be a JSON *string*, "
-                "e.g. json.dumps({...}).",
-            )
-        else:
-            try:
-                parsed = jsontext.loads(arguments)
-            except jsontext.JSONTextError as e:
-                parsed = e
-            if not isinstance(parsed, dict):
-                yield (
-                    "tool_call_arguments_not_json",
-                    f"messages[{i}].tool_calls[{j}] ({name}): arguments {arguments[:60]!r} are not a JSON object.",
-                )
-        if declared is None:
-            yield (
-                "undeclared_tool",
-                f"messages[{i}] calls {name!r} but the example has no `tools`: declare it there.",
-            )
-        elif name not in declared:
-            known = ", ".join(sorted(declared)) or "none"
-            yield "undeclared_tool", f"messages[{i}] calls {name!r}, which is not in `tools` ({known})."
-
-
-def _check_weight(message: Mapping, i: int) -> Iterator[tuple[str, str]]:
-    weight = message["weight"]
-    if isinstance(weight, bool) or weight not in (0, 1):
-        yield (
-            "invalid_weight",
-            f"messages[{i}].weight is {weight!r}: it must be 0 (don't train) or 1 (train).",
-        )
-
-
-_PLAIN_KEYS, _PLAIN_ROLES = {"role", "content", "name"}, {"system", "user", "assistant"}
-
-
-def _plain_message_ok(message: dict) -> bool:
-    """The common case, checked fast: a text message with only role, content and maybe name."""
-    content = message.get("content")
-    return (
-        message.keys() <= _PLAIN_KEYS
-        and type(message.get("role")) is str
-        and message["role"] in _PLAIN_ROLES
-        and type(content) is str
-        and bool(content)
-        and not content.isspace()
-    )
-
-
-def _check_message(
-    message: Any, i: int, declared: set[str] | None, call_ids: set[str]
-) -> Iterator[tuple[str, str]]:
-    if type(message) is dict and _plain_message_ok(message):
-        return
-    if not isinstance(message, dict):
-        yield (
-            "data_type",
-            f"messages[{i}] must be an object {{'role': ..., 'content': ...}}, not {type(message).__name__}.",
-        )
-        return
-    role = message.get("role")
-    calls = "tool_calls" in message or "function_call" in message
-    if "role" not in message or ("content" not in message and not calls):
-        missing = "role" if "role" not in message else "content"
-        yield (
-            "message_missing_key",
-            f"messages[{i}] has no `{missing}`: every message needs role and content.",
-        )
-    unknown = sorted(set(message) - MESSAGE_KEYS)
-    if unknown:
-        yield (
-            "message_unrecognized_key",
-            f"messages[{i}] has unrecognized key(s) {', '.join(unknown)}: allowed are {', '.join(sorted(MESSAGE_KEYS))}.",
-        )
-    if "role" in message and (not isinstance(role, str) or role not in ROLES):
-        yield "unrecognized_role", f"messages[{i}].role is {role!r}: use one of {', '.join(sorted(ROLES))}."
-    if "content" in message:
-        content = message["content"]
-        parts = (
-            isinstance(content, list)
-            and content
-            and all(isinstance(p, dict) and "type" in p for p in content)
-        )
-        text = isinstance(content, str) and content.strip()
-        if not (text or parts or (calls and content in (None, ""))):
-            yield (
-                "missing_content",
-                f"messages[{i}] ({role}) has empty or non-text content: give it the text.",
-            )
-    if "weight" in message:
-        yield from _check_weight(message, i)
-        if role != "assistant":
-            yield (
-                "weight_on_non_assistant",
-                f"messages[{i}] is {role!r}: weight only applies to assistant messages.",
-            )
-    if "tool_calls" in message:
-        yield from _check_tool_calls(message, i, declared)
-        for call in message["tool_calls"] if isinstance(message["tool_calls"], list) else ():
-            if isinstance(call, dict) and isinstance(call.get("id"), str):
-                call_ids.add(call["id"])
-    if role == "tool":
-        call_id = message.get("tool_call_id")
-        if not isinstance(call_id, str):
-            yield (
-                "tool_message_missing_id",
-                f"messages[{i}] (tool) needs `tool_call_id`, the id of the call it answers.",
-            )
-        elif call_id not in call_ids:
-            yield (
-                "unknown_tool_call_id",
-                f"messages[{i}] answers tool call {call_id!r}, which no earlier assistant made.",
-            )
-
-
-# Problem classes that are warnings: the file is accepted but probably not what you meant.
-WARNING_CODES = {
-    "duplicate_example",
-    "too_long",
-    "weight_on_non_assistant",
-    "unrecognized_example_key",
-    "last_message_not_assistant",
-    "nothing_to_train",
-    "unknown_model",
-}
-
-
-def check_example(example: Any) -> list[tuple[str, str]]:
-    """Every format problem of one example as (code, fix-it sentence) pairs; [] for a good example.
-
-    >>> check_example({"messages": [{"role": "user", "content": "hi"}]})[0][0]
-    'example_missing_assistant_message'
-    """
-    if not isinstance(example, dict):
-        return [("data_type", f"An example must be a JSON object, not {type(example).__name__}.")]
-    messages = example.get("messages")
-    if "preferred_output" in example or "non_preferred_output" in example:
-        return [
-            (
-                "dpo_format",
-                "This is a DPO (preference) example; this file must hold supervised chat examples "
-                "{'messages': [...]}. Put DPO data in its own file for method={'type': 'dpo'}.",
-            )
-        ]
-    if "prompt" in example and "completion" in example and messages is None:
-        return [
-            (
-                "prompt_completion_format",
-                "This is the legacy prompt/completion format; chat models need "
-                "{'messages': [{'role': 'user', 'content': prompt}, {'role': 'assistant', 'content': completion}]}.",
-            )
-        ]
-    if not isinstance(messages, list) or not messages:
-        found = ", ".join(list(example)[:6]) or "none"
-        return [
-            ("missing_messages_list", f"The example needs a non-empty `messages` list (its keys: {found}).")
-        ]
-    problems = list(_check_tools(example))
-    unknown = sorted(set(example) - EXAMPLE_KEYS)
-    if unknown:
-        problems.append(
-            ("unrecognized_example_key", f"Key(s) {', '.join(unknown)} are not part of the format.")
-        )
-    declared, call_ids = _declared_tools(example), set()
-    for i, message in enumerate(messages):
-        problems.extend(_check_message(message, i, declared, call_ids))
-    assistants = [m for m in messages if isinstance(m, dict) and m.get("role") == "assistant"]
-    if not assistants:
-        problems.append(
-            ("example_missing_assistant_message", "Add an assistant message: it is what the model learns.")
-        )
-    elif all(m.get("weight", 1) == 0 for m in assistants):
-        problems.append(
-            ("nothing_to_train", "Every assistant message has weight 0, so nothing is learned from it.")
-        )
-    elif assistants[-1] is not messages[-1]:
-        problems.append(
-            ("last_message_not_assistant", "Messages after the last assistant message are not learned.")
-        )
-    return problems
-
-
-def _example_tokens(example: Mapping, encoding: str) -> tuple[int, int]:
-    """(all tokens, trained assistant tokens) of one example; the first is what a prompt of it would cost."""
-    total, trained = tokens.REPLY_PRIMING + tokens.tools_tokens(example.get("tools"), encoding), 0
-    for m in example.get("messages") or ():
-        if isinstance(m, dict):
-            in_prompt, said = tokens.message_token_counts(m, encoding)
-            total += in_prompt
-            if m.get("role") == "assistant" and m.get("weight", 1) != 0:
-                trained += said
-    return total, trained
-
-
-def _fingerprint(example: Mapping) -> bytes:
-    """A 16-byte digest of the example's content (key order ignored); raises TypeError if not JSON."""
-    return hashlib.blake2b(json.dumps(example, sort_keys=True).encode(), digest_size=16).digest()
-
-
-def _cached_tokens(
-    example: dict, fingerprint: bytes, encoding: str, known: dict[bytes, tuple[int, int]] | None
-) -> tuple[int, int]:
-    if known is None:
-        return _example_tokens(example, encoding)
-    if fingerprint not in known:
-        known[fingerprint] = _example_tokens(example, encoding)
-    return known[fingerprint]
-
-
-class _Validator:
-    """Checks examples one at a time (so a file can be validated without holding it) and collects problems."""
-
-    def __init__(self, model: str | None, min_examples: int):
-        self.model = model or tokens.DEFAULT_MODEL
-        self.known: dict[bytes, tuple[int, int]] | None = None  # token counts by example fingerprint, if kept
-        self.problems: list[Problem] = []
-        self.min_examples = min_examples
-        self.n_examples = 0
-        self.seen: dict[bytes, int] = {}
-        try:
-            self.encoding = tokens.encoding_name_for(self.model)
-        except tokens.UnknownModelError:
-            self.encoding = tokens.encoding_name_for(tokens.DEFAULT_MODEL)
-            self.problems.append(
-                Problem(
-                    None,
-                    "unknown_model",
-                    f"Unknown model {model!r}: tokens counted with "
-                    f"{self.encoding} ({tokens.DEFAULT_MODEL}) and a {tokens.MAX_TOKENS_PER_EXAMPLE}-token limit.",
-                )
-            )
-        try:
-            self.max_tokens = tokens.price_for(self.model).training_context or tokens.MAX_TOKENS_PER_EXAMPLE
-        except tokens.UnknownModelError:
-            self.max_tokens = tokens.MAX_TOKENS_PER_EXAMPLE
-
-    def check(self, example: dict, line: int | None, index: int) -> tuple[int, int]:
-        self.n_examples += 1
-        found = check_example(example)
-        self.problems.extend(Problem(line, code, message, index) for code, message in found)
-        try:
-            fingerprint = _fingerprint(example)
-        except (TypeError, ValueError) as e:  # only possible for examples built in Python
-            self.problems.append(
-                Problem(line, "data_type", f"Not JSON-serializable ({e}): use str/number/list/dict.", index)
-            )
-            return 0, 0
-        if fingerprint in self.seen:
-            first = self.seen[fingerprint]  # a file line (>= 1), or ~index for an example not from a file
-            where = f"line {first}" if first > 0 else f"example {~first}"
-            self.problems.append(
-                Problem(
-                    line, "duplicate_example", f"Exact duplicate of {where}: remove it (dedupe()).", index
-                )
-            )
-        else:
-            self.seen[fingerprint] = line if line is not None else ~index
-        counts = _cached_tokens(example, fingerprint, self.encoding, self.known)
-        if counts[0] > self.max_tokens:
-            self.problems.append(
-                Problem(
-                    line,
-                    "too_long",
-                    f"{counts[0]:,} tokens: over the {self.max_tokens:,}-token "
-                    f"training context of {self.model}, it will be truncated. Shorten it.",
-                    index,
-                )
-            )
-        return counts
-
-    def report(self, load_problems: Iterable[Problem] = ()) -> ValidationReport:
-        problems = [*load_problems, *self.problems]
-        if self.n_examples < self.min_examples:
-            problems.append(
-                Problem(
-                    None,
-                    "too_few_examples",
-                    f"{self.n_examples} valid-JSON examples; OpenAI needs "
-                    f"at least {self.min_examples} (50-100 good ones usually help more).",
-                )
-            )
-        problems.sort(key=lambda p: (p.line is None, p.line or 0))
-        return ValidationReport(
-            errors=[p for p in problems if p.code not in WARNING_CODES],
-            warnings=[p for p in problems if p.code in WARNING_CODES],
-            n_examples=self.n_examples,
-            model=self.model,
-        )
-
-
-@dataclass
-class ValidationReport:
-    """The result of a validation: falsy when there are errors. Warnings do not block a fine-tune."""
-
-    errors: list[Problem] = field(default_factory=list)
-    warnings: list[Problem] = field(default_factory=list)
-    n_examples: int = 0
-    model: str = tokens.DEFAULT_MODEL
-
-    def __bool__(self) -> bool:
-        return not self.errors
+    @classmethod
+    def of(cls, report: validation.ValidationReport) -> ValidationReport:
+        """The same report, with the table view."""
+        return cls(report.errors, report.warnings, report.n_examples, report.model)
 
     def to_dataframe(self) -> pd.DataFrame:
         """One row per problem: severity, line, example, code, message."""
@@ -501,25 +80,6 @@ class ValidationReport:
         columns = ["severity", "line", "example", "code", "message"]
         return pd.DataFrame(rows, columns=columns).astype({"line": "Int64", "example": "Int64"})
 
-    def summary(self) -> str:
-        verdict = "OK" if self else "FAILED"
-        return (
-            f"{verdict}: {self.n_examples} examples checked for {self.model}, "
-            f"{len(self.errors)} errors, {len(self.warnings)} warnings"
-        )
-
-    def format(self, limit: int = 50) -> str:
-        """The summary, then up to `limit` errors and `limit` warnings, one per line."""
-        lines = [self.summary()]
-        for label, problems in (("error  ", self.errors), ("warning", self.warnings)):
-            lines += [f"  {label} {p}" for p in problems[:limit]]
-            if len(problems) > limit:
-                lines.append(f"  ... and {len(problems) - limit} more {label.strip()}s")
-        return "\n".join(lines)
-
-    def __str__(self) -> str:
-        return self.format()
-
     def _repr_html_(self) -> str:
         table = self.to_dataframe().to_html(index=False, na_rep="") if self.errors or self.warnings else ""
         return f"<p><b>{html.escape(self.summary())}</b></p>{table}"
@@ -528,20 +88,11 @@ class ValidationReport:
 def validate_file(
     path: str | Path, model: str | None = None, min_examples: int = MIN_EXAMPLES
 ) -> ValidationReport:
-    """Validate a JSONL training file line by line without loading it whole (the CLI and the server use this).
+    """`llmlab.validation.validate_file` (line by line, never holding the file whole), with the table view.
 
     >>> print(validate_file("missing.jsonl"))  # doctest: +SKIP
     """
-    validator, load_problems, n = _Validator(model, min_examples), [], 0
-    for n, raw in _read_lines(path):
-        example, problem = _parse_line(raw, n)
-        if problem:
-            load_problems.append(problem)
-        else:
-            validator.check(example, n, validator.n_examples)
-    if n == 0:
-        load_problems.append(Problem(None, "empty_file", "The file is empty: add one JSON example per line."))
-    return validator.report(load_problems)
+    return ValidationReport.of(validation.validate_file(path, model, min_examples))
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -623,6 +174,21 @@ class CostEstimate:
 # -------------------------------------------------------------------------------------------- dataset
 
 
+def _share_strings(example: dict, pool: dict[str, str]) -> dict:
+    """Make repeated keys, roles and system prompts one shared string each (about 20% less memory per example)."""
+    messages = example.get("messages")
+    for i, m in enumerate(messages if isinstance(messages, list) else ()):
+        if type(m) is dict:
+            shared = m.get("role") == "system"
+            messages[i] = {
+                pool.setdefault(k, k): pool.setdefault(v, v)
+                if type(v) is str and (k == "role" or shared)
+                else v
+                for k, v in m.items()
+            }
+    return example
+
+
 def _json_cell(value: Any) -> Any:
     """A DataFrame/CSV cell that may hold JSON text (CSV) or the object itself (DataFrame)."""
     return (
@@ -701,18 +267,13 @@ class ChatDataset:
     @classmethod
     def from_jsonl(cls, path: str | Path) -> ChatDataset:
         """Load a JSONL file. Bad lines never stop the load: each is in `load_problems`, the rest in `examples`."""
-        ds, n, pool = cls(), 0, {}
-        for n, raw in _read_lines(path):
-            example, problem = _parse_line(raw, n)
+        ds, pool = cls(), {}
+        for line, example, problem in read_examples(path):
             if problem:
                 ds.load_problems.append(problem)
             else:
                 ds.examples.append(_share_strings(example, pool))
-                ds.lines.append(n)
-        if n == 0:
-            ds.load_problems.append(
-                Problem(None, "empty_file", "The file is empty: add one JSON example per line.")
-            )
+                ds.lines.append(line)
         return ds
 
     def add_pair(self, question: str, answer: str, system: str | None = None) -> None:
@@ -789,11 +350,11 @@ class ChatDataset:
     # --- checking and counting
     def validate(self, model: str | None = None, min_examples: int = MIN_EXAMPLES) -> ValidationReport:
         """Every problem of every example (with its file line) plus the load problems; falsy when any is an error."""
-        validator = _Validator(model, min_examples)
+        validator = Validator(model, min_examples)
         validator.known = self._known_counts(validator.encoding)
         for i, (example, line) in enumerate(zip(self.examples, self.lines, strict=True)):
             validator.check(example, line, i)
-        return validator.report(self.load_problems)
+        return ValidationReport.of(validator.report(self.load_problems))
 
     def _known_counts(self, encoding: str) -> dict[bytes, tuple[int, int]]:
         known = self._token_cache.setdefault(encoding, {})
@@ -807,9 +368,9 @@ class ChatDataset:
         known, counts = self._known_counts(encoding), []
         for example in self.examples:
             try:
-                counts.append(_cached_tokens(example, _fingerprint(example), encoding, known))
+                counts.append(cached_tokens(example, fingerprint(example), encoding, known))
             except (TypeError, ValueError):  # not JSON-serializable: count it, don't cache it
-                counts.append(_example_tokens(example, encoding))
+                counts.append(example_tokens(example, encoding))
         return counts
 
     def stats(self, model: str = tokens.DEFAULT_MODEL) -> TokenStats:
@@ -867,9 +428,9 @@ class ChatDataset:
         """A new dataset without exact duplicates (the first occurrence of each example is kept)."""
         seen, keep = set(), []
         for i, example in enumerate(self.examples):
-            fingerprint = _fingerprint(example)
-            if fingerprint not in seen:
-                seen.add(fingerprint)
+            digest = fingerprint(example)
+            if digest not in seen:
+                seen.add(digest)
                 keep.append(i)
         return self._subset(keep)
 

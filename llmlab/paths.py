@@ -7,41 +7,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import tempfile
-from importlib.resources import files
 from pathlib import Path
 from typing import BinaryIO
 
 _CHUNK_BYTES = 1 << 20
+# The source tree (a checkout or an editable install), for tests and benchmarks; the course's data files are
+# found through llmlab.course.data.
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def _data_dir() -> Path:
-    """The kit's data: `llmlab/_data` in an installed wheel, else `data/` of the source tree (a checkout or an
-    editable install, where the folder stays at the top of the repository).
-
-    >>> (_data_dir() / "employees.csv").is_file()
-    True
-    """
-    packaged = files("llmlab") / "_data"
-    return Path(str(packaged)) if packaged.is_dir() else REPO_ROOT / "data"
-
-
-DATA_DIR = _data_dir()
-
-
-def read_data_jsonl(name: str) -> list[dict]:
-    """The records of the JSONL file `name` in data/ (blank lines skipped): the kit's own, well-formed data.
-
-    >>> read_data_jsonl("eval.jsonl")[0]["kind"]
-    'paraphrase'
-    """
-    lines = (DATA_DIR / name).read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
 
 
 def llmlab_home() -> Path:

@@ -1,4 +1,4 @@
-"""Fernhollow's live-data tools (`llmlab.company`): schemas = data/tools.json, values = the employee table."""
+"""Fernhollow's live-data tools (`llmlab.course.company`): schemas = data/tools.json, values = the employee table."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from llmlab import company
-from llmlab.paths import DATA_DIR
+from llmlab.course import company, evaluation, questions
+from llmlab.course.data import DATA_DIR
 from llmlab.tools import Tool, run
 
 TABLE = list(csv.DictReader((DATA_DIR / "employees.csv").open(encoding="utf-8")))
@@ -168,7 +168,7 @@ def test_system_prompt_is_the_training_examples():
 
 
 def test_tool_eval_cases_are_consistent_with_the_tools_and_the_table():
-    cases = company.load_tool_eval()
+    cases = questions.load_tool_eval()
     assert len(cases) == 30 and len({c["id"] for c in cases}) == 30
     by_name = {t.name: t for t in company.company_tools()}
     for case in cases:
@@ -234,7 +234,7 @@ def test_evaluate_tool_calls_scores_choice_and_arguments():
             "Q6": {"name": "find_employee", "arguments": {"name": "X"}},  # calls when no tool is needed
         }
     )
-    scores = company.evaluate_tool_calls(lab, cases, tool_choice="auto", progress=False)
+    scores = evaluation.evaluate_tool_calls(lab, cases, tool_choice="auto", progress=False)
     assert scores["id"].tolist() == list("abcdef")
     assert scores["right_tool"].tolist() == [True, True, True, False, True, False]
     assert scores["right_arguments"].tolist() == [True, False, True, False, True, False]
@@ -249,7 +249,7 @@ def test_evaluate_tool_calls_scores_choice_and_arguments():
     shorter = [
         {**d, "function": {**d["function"], "description": "Leave."}} for d in company.tool_definitions()
     ]
-    company.evaluate_tool_calls(lab, cases[:1], tools=[shorter[0], company.find_employee], progress=False)
+    evaluation.evaluate_tool_calls(lab, cases[:1], tools=[shorter[0], company.find_employee], progress=False)
     assert requests[-1]["tools"] == [shorter[0], company.find_employee.schema]
 
 
@@ -264,8 +264,8 @@ def local_lab(lab):
 
 
 def test_evaluate_tool_calls_on_the_local_server(local_lab):
-    cases = [c for c in company.load_tool_eval() if c["id"] in ("t01", "t19")]
-    scores = company.evaluate_tool_calls(local_lab, cases, tool_choice="required", progress=False)
+    cases = [c for c in questions.load_tool_eval() if c["id"] in ("t01", "t19")]
+    scores = evaluation.evaluate_tool_calls(local_lab, cases, tool_choice="required", progress=False)
     assert scores["tool"].isin(["get_leave_balance", "find_employee", "book_meeting_room"]).all()
     for _, row in scores.iterrows():  # constrained decoding: the arguments always fit the schema
         {t.name: t for t in company.company_tools()}[row["tool"]].validate(row["arguments"])

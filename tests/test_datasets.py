@@ -11,8 +11,8 @@ import pytest
 from crashes import killed_at_replace
 
 from llmlab import tokens
+from llmlab.course.data import DATA_DIR
 from llmlab.datasets import MIN_EXAMPLES, ChatDataset, Problem, ValidationReport, validate_file
-from llmlab.paths import DATA_DIR
 
 matplotlib.use("Agg")
 
@@ -482,3 +482,33 @@ def test_import_is_cheap():
     code = "import sys, llmlab.datasets; print(sorted(m for m in ('torch', 'pandas', 'matplotlib', 'bpe_openai', 'transformers', 'fastapi') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_validator_the_server_shares_loads_no_notebook_library():
+    """`llmlab.validation` (the server's and the CLI's validator) validates a file without pandas, numpy,
+    matplotlib or `llmlab.datasets` in the process (the import rule `validator-lean` checks the imports)."""
+    code = (
+        "import sys\n"
+        "from llmlab.validation import validate_file\n"
+        f"report = validate_file({str(DATA_DIR / 'qa_train.jsonl')!r})\n"
+        "assert report and report.n_examples > 10, report\n"
+        "print(sorted(m for m in ('pandas', 'numpy', 'matplotlib', 'llmlab.datasets') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_the_notebook_report_is_the_validators_report_with_a_table():
+    from llmlab import validation
+
+    plain = validation.validate_file(DATA_DIR / "qa_train.jsonl")
+    rich = validate_file(DATA_DIR / "qa_train.jsonl")
+    assert isinstance(rich, validation.ValidationReport) and not hasattr(plain, "to_dataframe")
+    assert (rich.errors, rich.warnings, rich.n_examples, rich.model) == (
+        plain.errors,
+        plain.warnings,
+        plain.n_examples,
+        plain.model,
+    )
+    assert str(rich) == str(plain) and "<b>OK: " in rich._repr_html_()

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from crashes import killed_at_replace
 
+from llmlab.course.data import DATA_DIR, read_jsonl
 from llmlab.embed import embed
 from llmlab.export import chroma_metadata, chroma_search, chroma_where, open_chroma, to_chroma
 from llmlab.index import IndexFormatError, VectorIndex
-from llmlab.paths import DATA_DIR, read_data_jsonl
 from llmlab.rag import KB_MANIFEST, KnowledgeBase
 
 HANDBOOK = DATA_DIR / "handbook"
-QUESTIONS = [q["question"] for q in read_data_jsonl("eval.jsonl")]
+QUESTIONS = [q["question"] for q in read_jsonl("eval.jsonl")]
 FILTERS = [
     {"source": "leave.md"},
     {"chunk": {"$gte": 1}},

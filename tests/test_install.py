@@ -21,7 +21,8 @@ import pytest
 
 import llmlab
 from llmlab.cli import main
-from llmlab.paths import DATA_DIR, REPO_ROOT
+from llmlab.course.data import DATA_DIR
+from llmlab.paths import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
 
@@ -56,8 +57,8 @@ def test_the_wheel_holds_every_module_and_every_data_file(wheel):
 
 HELPERS_SCRIPT = """
 import llmlab
-from llmlab import company, compare
-from llmlab.paths import DATA_DIR
+from llmlab.course import claims, company, evaluation, questions
+from llmlab.course.data import DATA_DIR
 
 staff = company.employees()
 name = staff.iloc[0]["name"]
@@ -69,10 +70,12 @@ print(json.dumps({
     "balance": sorted(balance),
     "found": company.find_employee(name)["name"],
     "tools": [t["function"]["name"] for t in company.tool_definitions()],
-    "tool_eval": len(company.load_tool_eval()),
-    "questions": len(compare.load_questions()),
-    "trained": len(compare.trained_questions()),
-    "training_set": len(compare.training_set(5)),
+    "tool_eval": len(questions.load_tool_eval()),
+    "questions": len(questions.load_questions()),
+    "trained": len(questions.trained_questions()),
+    "training_set": len(questions.training_set(5)),
+    "claims": list(claims.summary().columns),
+    "harness": callable(evaluation.evaluate),
     "handbook": sorted(p.name for p in (DATA_DIR / "handbook").glob("*.md")),
 }))
 """
@@ -112,7 +115,8 @@ def test_the_installed_wheel_runs_the_helpers_outside_the_repository(wheel, tmp_
     assert Path(got["data"]) == site / "llmlab" / "_data"
     assert got["employees"] > 0 and "employee_name" in got["balance"]
     assert got["tools"] and got["tool_eval"] > 0 and got["questions"] > 0 and got["trained"] > 0
-    assert got["training_set"] == 5
+    assert got["training_set"] == 5 and got["harness"]
+    assert got["claims"] == ["Fine-tuning", "RAG", "Function calling"]
     assert got["handbook"] == sorted(p.name for p in (DATA_DIR / "handbook").glob("*.md"))
 
 

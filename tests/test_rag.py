@@ -7,8 +7,8 @@ import re
 
 import pytest
 
+from llmlab.course.data import DATA_DIR, read_jsonl
 from llmlab.index import Hit, VectorIndex
-from llmlab.paths import DATA_DIR, read_data_jsonl
 from llmlab.rag import (
     ABSTAIN_INSTRUCTION,
     Answer,
@@ -146,8 +146,8 @@ def test_abstains_is_a_plain_phrase_rule(answer, abstained):
 
 def test_the_unanswerable_questions_file():
     """data/unanswerable.jsonl: ids unique, each says what the handbook lacks, and none is an evaluation question."""
-    rows = read_data_jsonl("unanswerable.jsonl")
-    asked = {e["question"] for e in read_data_jsonl("eval.jsonl")}
+    rows = read_jsonl("unanswerable.jsonl")
+    asked = {e["question"] for e in read_jsonl("eval.jsonl")}
     assert len(rows) >= 10 and len({r["id"] for r in rows}) == len(rows)
     assert all(r["question"].endswith("?") and r["missing"] and r["question"] not in asked for r in rows)
 
@@ -228,7 +228,7 @@ def test_the_instruction_makes_the_model_abstain_where_the_handbook_is_silent(la
     """Greedy answers to two questions no policy answers (coffee prices, a dress code), with the handbook's
     context: with the instruction right after the question SmolLM2-135M says it does not know, which the
     seed's prompt alone never makes it say. (Notebook 05 measures where the instruction is best placed.)"""
-    questions = {row["id"]: row["question"] for row in read_data_jsonl("unanswerable.jsonl")}
+    questions = {row["id"]: row["question"] for row in read_jsonl("unanswerable.jsonl")}
 
     def abstained(messages: list[dict]) -> bool:
         response = lab.client.chat.completions.create(

@@ -15,9 +15,9 @@ import pytest
 import torch
 from test_runtime import fresh_chat_runtime
 
+from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render, render_pieces
 from llmlab.local.training import JsonlExamples, StepInfo, encode_example, train_lora
-from llmlab.paths import DATA_DIR
 
 PAIRS = 8
 EPOCHS = 8

@@ -17,8 +17,8 @@ import openai
 import pandas as pd
 import pytest
 
+from llmlab.course.data import DATA_DIR
 from llmlab.datasets import ChatDataset
-from llmlab.paths import DATA_DIR
 from llmlab.ui import ChatPanel, ComparisonView, DatasetEditor, JobMonitor, SearchBox, ask_api_key
 from llmlab.ui.svg import bar_chart, line_chart
 

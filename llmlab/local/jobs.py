@@ -173,9 +173,9 @@ class JobRunner:
     def _check_examples(self, job: dict, param: str) -> int | None:
         """The number of examples in the job's file, or None after failing the job with the first problem.
 
-        The file is validated line by line (`llmlab.datasets.validate_file`), never held whole.
+        The file is validated line by line (`llmlab.validation.validate_file`), never held whole.
         """
-        from llmlab.datasets import validate_file
+        from llmlab.validation import validate_file
 
         path = self.store.file_path(job[param])
         if path is None:
@@ -217,7 +217,7 @@ class JobRunner:
 
     @staticmethod
     def _resolve(hyper: dict, n_examples: int) -> dict:
-        from llmlab.datasets import default_epochs
+        from llmlab.tokens import default_epochs
 
         auto = {
             "n_epochs": default_epochs(n_examples),

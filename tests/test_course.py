@@ -1,12 +1,14 @@
-"""The comparison: the scoring rule, the question sets, pricing, and real systems through the local server."""
+"""The course's harness: the scoring rule, the question sets, the claims, pricing, and real systems through the
+local server."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from llmlab import compare, tokens
-from llmlab.paths import DATA_DIR
+from llmlab import tokens
+from llmlab.course import claims, evaluation, questions
+from llmlab.course.data import DATA_DIR
 
 
 @pytest.mark.parametrize(
@@ -29,7 +31,7 @@ from llmlab.paths import DATA_DIR
     ],
 )
 def test_contains_facts_is_the_whole_word_rule(answer, facts, right):
-    assert compare.contains_facts(answer, facts) is right
+    assert questions.contains_facts(answer, facts) is right
 
 
 def test_trained_questions_are_verbatim_training_questions_whose_answer_states_the_facts():
@@ -42,30 +44,30 @@ def test_trained_questions_are_verbatim_training_questions_whose_answer_states_t
         )
         for e in examples
     }
-    rows = compare.trained_questions()
+    rows = questions.trained_questions()
     assert len(rows) >= 18 and len({r["question"] for r in rows}) == len(rows)
     for row in rows:
         assert row["question"] in pairs
-        assert compare.contains_facts(pairs[row["question"]], row["facts"]), row
+        assert questions.contains_facts(pairs[row["question"]], row["facts"]), row
 
 
 def test_load_questions_takes_the_first_of_each_kind_in_a_fixed_order():
-    everything = compare.load_questions()
-    assert list(dict.fromkeys(everything["kind"])) == list(compare.KINDS)
-    subset = compare.load_questions(per_kind=3)
-    assert subset["kind"].value_counts().to_dict() == dict.fromkeys(compare.KINDS, 3)
+    everything = questions.load_questions()
+    assert list(dict.fromkeys(everything["kind"])) == list(questions.KINDS)
+    subset = questions.load_questions(per_kind=3)
+    assert subset["kind"].value_counts().to_dict() == dict.fromkeys(questions.KINDS, 3)
     first = everything.groupby("kind", sort=False).head(3).reset_index(drop=True)
     assert subset["id"].tolist() == first["id"].tolist()
-    assert compare.load_questions(per_kind=3).equals(subset)
+    assert questions.load_questions(per_kind=3).equals(subset)
 
 
 def test_claims_tables_have_one_column_per_technique():
-    assert list(compare.claims_finetuning_vs_rag().columns) == ["Fine-tuning", "RAG"]
-    assert list(compare.claims_finetuning_vs_function_calling().columns) == [
+    assert list(claims.finetuning_vs_rag().columns) == ["Fine-tuning", "RAG"]
+    assert list(claims.finetuning_vs_function_calling().columns) == [
         "Fine-tuning",
         "Function calling",
     ]
-    summary = compare.claims_summary()
+    summary = claims.summary()
     assert list(summary.columns) == ["Fine-tuning", "RAG", "Function calling"]
     assert summary.notna().all().all() and len(summary) >= 5
 
@@ -76,9 +78,9 @@ def test_openai_cost_counts_every_request_and_prices_fine_tuned_models_higher():
     expected = tokens.chat_cost(
         "gpt-4o-mini", tokens.count_chat_tokens(messages, "gpt-4o-mini"), tokens.count_tokens("27 days.")
     )
-    assert compare.openai_cost([one]) == pytest.approx(expected)
-    assert compare.openai_cost([one, one]) == pytest.approx(2 * expected)
-    assert compare.openai_cost([{**one, "model": "ft:SmolLM2-135M-Instruct:llmlab:x:1"}]) > expected
+    assert evaluation.openai_cost([one]) == pytest.approx(expected)
+    assert evaluation.openai_cost([one, one]) == pytest.approx(2 * expected)
+    assert evaluation.openai_cost([{**one, "model": "ft:SmolLM2-135M-Instruct:llmlab:x:1"}]) > expected
 
 
 def test_summarize_gives_one_row_per_technique_in_order():
@@ -91,7 +93,7 @@ def test_summarize_gives_one_row_per_technique_in_order():
             "cost_usd": [0.001, 0.003, 0.0, 0.0],
         }
     )
-    table = compare.summarize(rows, setup_seconds={"RAG": 5.0}, setup_cost_usd={"RAG": 0.01})
+    table = evaluation.summarize(rows, setup_seconds={"RAG": 5.0}, setup_cost_usd={"RAG": 0.01})
     assert table["technique"].tolist() == ["RAG", "base"]
     rag = table.set_index("technique").loc["RAG"]
     assert rag["accuracy_paraphrase"] == 1.0 and rag["accuracy_live"] == 0.0 and rag["accuracy_all"] == 0.5
@@ -105,25 +107,25 @@ def test_evaluate_real_systems_on_the_local_backend(lab):
 
     kb = KnowledgeBase(lab)
     kb.add_documents([DATA_DIR / "handbook" / "leave.md", DATA_DIR / "handbook" / "security.md"])
-    questions = compare.load_questions()
-    questions = questions[questions["source"].isin(["leave.md", "security.md"])].head(2)
-    systems = {"base": compare.plain(lab), "RAG": compare.rag(kb)}
-    rows = compare.evaluate(systems, questions, progress=False)
+    asked = questions.load_questions()
+    asked = asked[asked["source"].isin(["leave.md", "security.md"])].head(2)
+    systems = {"base": evaluation.plain(lab), "RAG": evaluation.with_retrieval(kb)}
+    rows = evaluation.evaluate(systems, asked, progress=False)
     assert len(rows) == 4 and set(rows["technique"]) == {"base", "RAG"}
     assert rows["answer"].str.len().gt(0).all() and (rows["seconds"] > 0).all()
     assert (rows["cost_usd"] > 0).all()
     for row in rows.itertuples():
-        facts = questions.set_index("id").loc[row.id, "facts"]
-        assert row.correct == compare.contains_facts(row.answer, facts)
+        facts = asked.set_index("id").loc[row.id, "facts"]
+        assert row.correct == questions.contains_facts(row.answer, facts)
     rag_rows = rows[rows["technique"] == "RAG"]
     assert all(len(s) == 3 for s in rag_rows["sources"])
-    sources = questions.set_index("id")["source"]
+    sources = asked.set_index("id")["source"]
     assert all(any(s.startswith(sources[r.id]) for s in r.sources) for r in rag_rows.itertuples())
 
 
 def test_training_set_holds_the_examples_of_the_first_trained_questions():
-    questions = [r["question"] for r in compare.trained_questions()[:10]]
-    subset = compare.training_set(10)
+    trained = [r["question"] for r in questions.trained_questions()[:10]]
+    subset = questions.training_set(10)
     users = [next(m["content"] for m in e["messages"] if m["role"] == "user") for e in subset]
-    assert sorted(users) == sorted(questions) and subset.lines == sorted(subset.lines)
+    assert sorted(users) == sorted(trained) and subset.lines == sorted(subset.lines)
     assert subset.validate(min_examples=10)

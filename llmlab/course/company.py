@@ -1,4 +1,4 @@
-"""Fernhollow Instruments' live-data tools (the fictional company of `data/`), ready for function calling.
+"""Fernhollow Instruments' live-data tools (the fictional company of the course's data), ready for function calling.
 
 Three typed functions, each a `llmlab.tools.Tool` whose schema is the one in `data/tools.json`:
 `get_leave_balance(employee_name)` and `find_employee(name)` read `data/employees.csv`;
@@ -6,17 +6,16 @@ Three typed functions, each a `llmlab.tools.Tool` whose schema is the one in `da
 `reset_bookings()`). Wrong input (an unknown employee, a weekend, a full room, ...) raises `ValueError`
 with a message a model can act on; `llmlab.tools.run` sends that message back to the model.
 
->>> from llmlab import company
+>>> from llmlab.course import company
 >>> company.get_leave_balance("Kwame Mensah")["leave_days_left"]
 13
 >>> [t.name for t in company.company_tools()]
 ['get_leave_balance', 'find_employee', 'book_meeting_room']
 >>> result = llmlab.tools.run(lab, messages, company.company_tools())  # doctest: +SKIP
 
-Also the data around the tools: `employees()` (the table), `tool_definitions()` (data/tools.json),
-`system_prompt()` (the assistant's system prompt of data/tools_train.jsonl), `load_tool_eval()` (the 30
-questions of data/tools_eval.jsonl with the right tool and arguments) and `evaluate_tool_calls`, which
-measures how often a model picks the right tool and arguments for them.
+Also the data around the tools: `employees()` (the table), `tool_definitions()` (data/tools.json) and
+`system_prompt()` (the assistant's system prompt of data/tools_train.jsonl). The tool-calling questions are in
+`llmlab.course.questions`, their score in `llmlab.course.evaluation.evaluate_tool_calls`.
 """
 
 from __future__ import annotations
@@ -25,14 +24,13 @@ import datetime as dt
 import difflib
 import json
 import threading
-import time
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
 import pandas as pd
 import pydantic
 
-from llmlab.paths import DATA_DIR, read_data_jsonl
+from llmlab.course.data import DATA_DIR, read_jsonl
 from llmlab.tools import Tool, tool
 
 __all__ = [
@@ -41,10 +39,8 @@ __all__ = [
     "bookings",
     "company_tools",
     "employees",
-    "evaluate_tool_calls",
     "find_employee",
     "get_leave_balance",
-    "load_tool_eval",
     "reset_bookings",
     "system_prompt",
     "tool_definitions",
@@ -244,107 +240,4 @@ def system_prompt() -> str:
     >>> system_prompt().startswith("You are the assistant of Fernhollow Instruments.")
     True
     """
-    return read_data_jsonl("tools_train.jsonl")[0]["messages"][0]["content"]
-
-
-def load_tool_eval() -> list[dict]:
-    """The tool-calling test set, data/tools_eval.jsonl: `{"id", "question", "tool", "arguments"}` each.
-
-    `tool` is None for the questions that need no tool (the handbook answers them).
-
-    >>> load_tool_eval()[0]["tool"]
-    'get_leave_balance'
-    """
-    return read_data_jsonl("tools_eval.jsonl")
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-def _same(expected: Any, got: Any) -> bool:
-    """Equal up to case and surrounding spaces in strings, and int/float in numbers."""
-    if isinstance(expected, str) and isinstance(got, str):
-        return expected.strip().casefold() == got.strip().casefold()
-    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(got, bool):
-        return abs(expected - got) < 1e-9
-    if isinstance(expected, dict) and isinstance(got, dict):
-        return all(k in got and _same(v, got[k]) for k, v in expected.items())
-    return expected == got
-
-
-def evaluate_tool_calls(
-    lab: Any,
-    cases: list[dict] | None = None,
-    *,
-    model: str | None = None,
-    tool_choice: str | dict = "auto",
-    tools: list | None = None,
-    max_tokens: int = 64,
-    progress: bool = True,
-) -> pd.DataFrame:
-    """Ask each question once (system prompt + question, greedy) and score the model's first tool call.
-
-    `right_tool`: it called the expected tool, or no tool when none is expected. `right_arguments`: that,
-    and every expected argument has the expected value (strings compared ignoring case). One row per case,
-    with the call (`tool`, `arguments`), the text `answer` when the model answered instead, and `seconds`.
-    `tools` (`Tool`s or OpenAI tool definitions) replaces the company's tools, e.g. to try other descriptions.
-
-    >>> scores = evaluate_tool_calls(lab, load_tool_eval()[:5])  # doctest: +SKIP
-    >>> scores[["right_tool", "right_arguments"]].mean()  # doctest: +SKIP
-    """
-    from llmlab.progress import tqdm
-
-    cases = load_tool_eval() if cases is None else cases
-    model = model or lab.chat_model
-    tools = [t.schema if isinstance(t, Tool) else t for t in (company_tools() if tools is None else tools)]
-    system = system_prompt()
-    rows = []
-    for case in tqdm(cases, desc=f"{model} · tool_choice={tool_choice}", disable=not progress):
-        start = time.perf_counter()
-        response = lab.client.chat.completions.create(
-            model=model,
-            messages=[{"role": "system", "content": system}, {"role": "user", "content": case["question"]}],
-            tools=tools,
-            tool_choice=tool_choice,
-            parallel_tool_calls=False,  # only the first call is scored
-            temperature=0,
-            max_tokens=max_tokens,
-        )
-        message = response.choices[0].message
-        calls = message.tool_calls or []
-        name = calls[0].function.name if calls else None
-        try:
-            arguments = json.loads(calls[0].function.arguments) if calls else None
-        except json.JSONDecodeError:  # possible on OpenAI; the local backend's arguments always parse
-            arguments = calls[0].function.arguments
-        right_tool = name == case["tool"]
-        rows.append(
-            {
-                "id": case.get("id"),
-                "question": case["question"],
-                "expected_tool": case["tool"],
-                "expected_arguments": case["arguments"],
-                "tool": name,
-                "arguments": arguments,
-                "right_tool": right_tool,
-                "right_arguments": right_tool and (name is None or _same(case["arguments"], arguments)),
-                "answer": message.content,
-                "seconds": time.perf_counter() - start,
-            }
-        )
-    frame = pd.DataFrame(rows, columns=_EVAL_COLUMNS)
-    for column in ("expected_tool", "tool", "answer"):  # keep None ("no tool") rather than pandas' NaN
-        frame[column] = pd.Series([r[column] for r in rows], dtype=object)
-    return frame
-
-
-_EVAL_COLUMNS = [
-    "id",
-    "question",
-    "expected_tool",
-    "expected_arguments",
-    "tool",
-    "arguments",
-    "right_tool",
-    "right_arguments",
-    "answer",
-    "seconds",
-]
+    return read_jsonl("tools_train.jsonl")[0]["messages"][0]["content"]

@@ -1,0 +1,372 @@
+"""The course's harness: systems built over `lab.client`, asked the same questions, scored and priced.
+
+A *system* is a function `question -> Reply`; `plain`, `with_retrieval`, `with_tools`, `hybrid` and
+`first_call` build them, so they run on the local backend and on OpenAI alike. `evaluate` asks every system
+every question of `llmlab.course.questions` and scores the answers; `summarize` turns that into one row per
+technique. `evaluate_tool_calls` scores the first tool call of `first_call` on the tool-calling cases.
+
+>>> systems = {"base": plain(lab), "RAG": with_retrieval(kb)}           # doctest: +SKIP
+>>> rows = evaluate(systems, load_questions(per_kind=5))              # doctest: +SKIP
+>>> summarize(rows, setup_seconds={"RAG": 4.2})                       # doctest: +SKIP
+>>> openai_cost([{"model": "gpt-4o-mini", "messages": [], "output": ""}]) >= 0
+True
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from llmlab import tokens
+from llmlab.course import company
+from llmlab.course.questions import KINDS, contains_facts, load_tool_eval
+from llmlab.openai_facts import CHAT_MODEL
+from llmlab.progress import tqdm
+from llmlab.rag import build_prompt
+from llmlab.tools import run, tool
+
+__all__ = [
+    "Reply",
+    "System",
+    "evaluate",
+    "evaluate_tool_calls",
+    "first_call",
+    "hybrid",
+    "openai_cost",
+    "plain",
+    "summarize",
+    "with_retrieval",
+    "with_tools",
+]
+
+
+# ------------------------------------------------------------------------------------------ systems
+@dataclass
+class Reply:
+    """One answer of a system, with what it cost: the requests it sent (for pricing) and the time.
+
+    `tool_calls` are the calls made, as `name(arguments)`; `message` is the model's last message (an
+    `openai` `ChatCompletionMessage`) where a system keeps it (`first_call`).
+    """
+
+    text: str
+    seconds: float
+    requests: list[dict] = field(default_factory=list)  # {"model", "messages", "tools", "output"}
+    sources: list[str] = field(default_factory=list)
+    tool_calls: list[str] = field(default_factory=list)
+    message: Any = None
+
+
+System = Callable[[str], Reply]
+
+
+def _system_messages(system_prompt: str | None, question: str) -> list[dict]:
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": question}
+    ]
+
+
+def plain(
+    lab: Any, model: str | None = None, system_prompt: str | None = None, max_tokens: int = 60
+) -> System:
+    """The model alone (base or fine-tuned): one chat completion, greedy.
+
+    >>> base = plain(lab, system_prompt="Answer in one sentence.")   # doctest: +SKIP
+    >>> base("How many days of leave do I get?").text                # doctest: +SKIP
+    """
+    model = model or lab.chat_model
+
+    def ask(question: str) -> Reply:
+        messages = _system_messages(system_prompt, question)
+        start = time.perf_counter()
+        response = lab.client.chat.completions.create(
+            model=model, messages=messages, temperature=0, seed=0, max_completion_tokens=max_tokens
+        )
+        text = response.choices[0].message.content or ""
+        request = {"model": model, "messages": messages, "tools": None, "output": text}
+        return Reply(text, time.perf_counter() - start, [request])
+
+    return ask
+
+
+def with_retrieval(kb: Any, model: str | None = None, k: int = 3, max_tokens: int = 60) -> System:
+    """Retrieval-augmented generation with `kb` (a `KnowledgeBase`): the top `k` chunks as context."""
+
+    def ask(question: str) -> Reply:
+        start = time.perf_counter()
+        answer = kb.answer(question, k=k, model=model, max_tokens=max_tokens)
+        request = {"model": answer.model, "messages": answer.messages, "tools": None, "output": answer.text}
+        return Reply(answer.text, time.perf_counter() - start, [request], sources=answer.sources.ids)
+
+    return ask
+
+
+def _definitions(tools: list) -> list[dict]:
+    """OpenAI's tool definitions of `tools`: `Tool`s, typed functions, or definitions (dicts) already."""
+    return [t if isinstance(t, dict) else tool(t).schema for t in tools]
+
+
+def _call_text(name: str, arguments: str) -> str:
+    return f"{name}({arguments})"
+
+
+def _run_tools(
+    lab: Any, messages: list[dict], tools: list, model: str | None, tool_choice: str, max_tokens: int
+) -> tuple[str, list[dict], list[str]]:
+    """Run the tool loop; (the final text, every request it sent, the calls made as `name(arguments)`)."""
+    schemas = _definitions(tools)
+    result = run(
+        lab,
+        messages,
+        tools,
+        model=model,
+        max_rounds=3,
+        tool_choice=tool_choice,
+        parallel_tool_calls=False,  # one call a round: a small model's second call in a row is noise
+        temperature=0,
+        max_completion_tokens=max_tokens,
+    )
+    requests = [
+        {
+            "model": model or lab.chat_model,
+            "messages": result.messages[:i],
+            "tools": schemas,
+            "output": message.get("content") or json.dumps(message.get("tool_calls") or []),
+        }
+        for i, message in enumerate(result.messages)
+        if i >= len(messages) and message.get("role") == "assistant"
+    ]
+    calls = [_call_text(step.tool, step.arguments) for step in result.trace.tool_steps]
+    return result.content or "", requests, calls
+
+
+def with_tools(
+    lab: Any,
+    tools: list,
+    model: str | None = None,
+    system_prompt: str | None = None,
+    tool_choice: str = "auto",
+    max_tokens: int = 60,
+) -> System:
+    """Function calling: the model may call `tools` (the `llmlab.tools.run` loop), then answers.
+
+    `tool_choice` applies to the first round ("required": it must call one of the tools first).
+    """
+
+    def ask(question: str) -> Reply:
+        start = time.perf_counter()
+        messages = _system_messages(system_prompt, question)
+        text, requests, calls = _run_tools(lab, messages, tools, model, tool_choice, max_tokens)
+        return Reply(text, time.perf_counter() - start, requests, tool_calls=calls)
+
+    return ask
+
+
+def hybrid(
+    kb: Any,
+    tools: list,
+    model: str | None = None,
+    system_prompt: str | None = None,
+    tool_choice: str = "auto",
+    k: int = 3,
+    max_tokens: int = 60,
+) -> System:
+    """All three at once: a (fine-tuned) model, the top `k` chunks of `kb` as context, and `tools` it may call."""
+
+    def ask(question: str) -> Reply:
+        start = time.perf_counter()
+        hits = kb.search(question, k=k)
+        messages = build_prompt(question, hits)
+        if system_prompt:
+            messages[0] = {"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}
+        text, requests, calls = _run_tools(kb.lab, messages, tools, model, tool_choice, max_tokens)
+        return Reply(text, time.perf_counter() - start, requests, sources=hits.ids, tool_calls=calls)
+
+    return ask
+
+
+def first_call(
+    lab: Any,
+    tools: list,
+    model: str | None = None,
+    system_prompt: str | None = None,
+    tool_choice: str | dict = "auto",
+    max_tokens: int = 64,
+) -> System:
+    """One request with `tools` (greedy, one call at most) and no tool run: the model's first tool call, or
+    its answer. The reply's `message` holds the call (`message.tool_calls`); `evaluate_tool_calls` scores it.
+    """
+    model = model or lab.chat_model
+    definitions = _definitions(tools)
+
+    def ask(question: str) -> Reply:
+        messages = _system_messages(system_prompt, question)
+        start = time.perf_counter()
+        response = lab.client.chat.completions.create(
+            model=model,
+            messages=messages,
+            tools=definitions,
+            tool_choice=tool_choice,
+            parallel_tool_calls=False,  # only the first call is scored
+            temperature=0,
+            max_tokens=max_tokens,
+        )
+        message = response.choices[0].message
+        calls = [_call_text(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        output = message.content or json.dumps([c.model_dump() for c in message.tool_calls or []])
+        request = {"model": model, "messages": messages, "tools": definitions, "output": output}
+        return Reply(
+            message.content or "", time.perf_counter() - start, [request], tool_calls=calls, message=message
+        )
+
+    return ask
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def openai_cost(requests: Iterable[dict], model: str = CHAT_MODEL) -> float:
+    """USD that the same requests would cost on OpenAI's `model` (a local ``ft:`` model is priced as a
+    fine-tuned `model`), with tokens counted offline by `llmlab.tokens`."""
+    total = 0.0
+    for request in requests:
+        priced = f"ft:{model}:llmlab::local" if str(request["model"]).startswith("ft:") else model
+        prompt = tokens.count_chat_tokens(request["messages"], model, tools=request.get("tools"))
+        total += tokens.chat_cost(priced, prompt, tokens.count_tokens(request["output"] or "", model))
+    return total
+
+
+def evaluate(systems: dict[str, System], questions: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """Ask every system every question; one row per (technique, question) with the answer and its score.
+
+    Columns: technique, id, kind, question, answer, correct, seconds, cost_usd, sources, tool_calls.
+    """
+    rows = []
+    pairs = [(name, q) for name in systems for q in questions.itertuples(index=False)]
+    for name, q in tqdm(pairs, desc="answering", disable=not progress):
+        reply = systems[name](q.question)
+        rows.append(
+            {
+                "technique": name,
+                "id": q.id,
+                "kind": q.kind,
+                "question": q.question,
+                "answer": reply.text.strip(),
+                "correct": contains_facts(reply.text, q.facts),
+                "seconds": reply.seconds,
+                "cost_usd": openai_cost(reply.requests),
+                "sources": reply.sources,
+                "tool_calls": reply.tool_calls,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def summarize(
+    rows: pd.DataFrame,
+    setup_seconds: dict[str, float] | None = None,
+    setup_cost_usd: dict[str, float] | None = None,
+) -> pd.DataFrame:
+    """One row per technique: accuracy per question kind, overall accuracy, latency, set-up and costs.
+
+    `setup_seconds` / `setup_cost_usd` give each technique's one-off work (training, indexing) and what it
+    would cost on OpenAI; the cost of answering is per 1,000 questions.
+    """
+    order = list(dict.fromkeys(rows["technique"]))
+    accuracy = rows.pivot_table(
+        index="technique", columns="kind", values="correct", aggfunc="mean", observed=True
+    )
+    accuracy = accuracy[[k for k in KINDS if k in accuracy.columns]].add_prefix("accuracy_")
+    by = rows.groupby("technique")
+    table = accuracy.assign(
+        accuracy_all=by["correct"].mean(),
+        latency_s=by["seconds"].mean(),
+        setup_s=pd.Series(setup_seconds or {}, dtype=float),
+        setup_cost_usd=pd.Series(setup_cost_usd or {}, dtype=float),
+        cost_per_1k_questions_usd=by["cost_usd"].mean() * 1000,
+    )
+    return table.reindex(order).rename_axis("technique").reset_index()
+
+
+def _same(expected: Any, got: Any) -> bool:
+    """Equal up to case and surrounding spaces in strings, and int/float in numbers."""
+    if isinstance(expected, str) and isinstance(got, str):
+        return expected.strip().casefold() == got.strip().casefold()
+    if isinstance(expected, (int, float)) and isinstance(got, (int, float)) and not isinstance(got, bool):
+        return abs(expected - got) < 1e-9
+    if isinstance(expected, dict) and isinstance(got, dict):
+        return all(k in got and _same(v, got[k]) for k, v in expected.items())
+    return expected == got
+
+
+def evaluate_tool_calls(
+    lab: Any,
+    cases: list[dict] | None = None,
+    *,
+    model: str | None = None,
+    tool_choice: str | dict = "auto",
+    tools: list | None = None,
+    max_tokens: int = 64,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Ask each question once (the company's system prompt + question, greedy: `first_call`) and score the
+    model's first tool call.
+
+    `right_tool`: it called the expected tool, or no tool when none is expected. `right_arguments`: that,
+    and every expected argument has the expected value (strings compared ignoring case). One row per case,
+    with the call (`tool`, `arguments`), the text `answer` when the model answered instead, and `seconds`.
+    `cases` defaults to `load_tool_eval()`; `tools` (`Tool`s or OpenAI tool definitions) replaces the
+    company's tools, e.g. to try other descriptions.
+
+    >>> scores = evaluate_tool_calls(lab, load_tool_eval()[:5])  # doctest: +SKIP
+    >>> scores[["right_tool", "right_arguments"]].mean()  # doctest: +SKIP
+    """
+    cases = load_tool_eval() if cases is None else cases
+    model = model or lab.chat_model
+    tools = company.company_tools() if tools is None else tools
+    ask = first_call(lab, tools, model, company.system_prompt(), tool_choice, max_tokens)
+    rows = []
+    for case in tqdm(cases, desc=f"{model} · tool_choice={tool_choice}", disable=not progress):
+        reply = ask(case["question"])
+        calls = reply.message.tool_calls or []
+        name = calls[0].function.name if calls else None
+        try:
+            arguments = json.loads(calls[0].function.arguments) if calls else None
+        except json.JSONDecodeError:  # possible on OpenAI; the local backend's arguments always parse
+            arguments = calls[0].function.arguments
+        right_tool = name == case["tool"]
+        rows.append(
+            {
+                "id": case.get("id"),
+                "question": case["question"],
+                "expected_tool": case["tool"],
+                "expected_arguments": case["arguments"],
+                "tool": name,
+                "arguments": arguments,
+                "right_tool": right_tool,
+                "right_arguments": right_tool and (name is None or _same(case["arguments"], arguments)),
+                "answer": reply.message.content,
+                "seconds": reply.seconds,
+            }
+        )
+    frame = pd.DataFrame(rows, columns=_TOOL_EVAL_COLUMNS)
+    for column in ("expected_tool", "tool", "answer"):  # keep None ("no tool") rather than pandas' NaN
+        frame[column] = pd.Series([r[column] for r in rows], dtype=object)
+    return frame
+
+
+_TOOL_EVAL_COLUMNS = [
+    "id",
+    "question",
+    "expected_tool",
+    "expected_arguments",
+    "tool",
+    "arguments",
+    "right_tool",
+    "right_arguments",
+    "answer",
+    "seconds",
+]
