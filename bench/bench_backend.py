@@ -7,8 +7,12 @@
   open. Reported: the sum of every process's peak resident memory (VmHWM; an upper bound of the total's
   peak) — shared: the two kernels + the one server process (target < 1.5 GB); baseline: each kernel with a
   server of its own in its process (what `connect()` did before).
-- `connect()`: the first one in a fresh home (starts the server; returns once it answers /v1/models,
-  target < 2 s) and one when the server already runs (median of 5, target < 0.5 s).
+- `connect()`: the first one in a fresh home and a fresh process (starts the server; returns once it
+  answers /v1/models, target < 2 s; also with `import llmlab` before it, as a notebook's first cell does)
+  and one when the server already runs (median of 5, target < 0.5 s).
+- server start, side by side (median of 3 each, alternating): spawn to first /v1/models answer as the server
+  starts now (port bound, /v1/models answered, then FastAPI, the openai types and the app built in a thread)
+  and as it started before (those imports done before the port was bound).
 """
 
 from __future__ import annotations
@@ -91,27 +95,69 @@ def two_kernels(mode: str) -> dict:
     return {**peaks, "total_mb": sum(peaks.values())}
 
 
+FIRST_CONNECT = """
+import json, statistics, sys, time
+started = time.perf_counter()
+import llmlab
+imported = time.perf_counter()
+llmlab.connect(quiet=True)
+connected = time.perf_counter()
+again = []
+for _ in range(5):
+    t = time.perf_counter()
+    llmlab.connect(quiet=True)
+    again.append(time.perf_counter() - t)
+print(json.dumps({"first_connect_s": connected - imported, "import_and_first_connect_s": connected - started,
+                  "connect_when_running_s": statistics.median(again)}))
+"""
+
+
 def connect_times() -> dict:
-    home = fresh_home()
-    os.environ["LLMLAB_HOME"] = str(home)
-    import llmlab
+    """In a fresh kernel-like process and home: `import llmlab`, the first `connect()`, then 5 more."""
     from llmlab.local.process import stop_server
 
-    started = time.perf_counter()
-    llmlab.connect(quiet=True)
-    first = time.perf_counter() - started
-    again = []
-    for _ in range(5):
-        started = time.perf_counter()
-        llmlab.connect(quiet=True)
-        again.append(time.perf_counter() - started)
+    home = fresh_home()
+    env = {**os.environ, "LLMLAB_HOME": str(home), "PYTHONPATH": str(REPO)}
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_CONNECT], env=env, capture_output=True, text=True, check=True
+    )
     stop_server(home)
-    return {"first_connect_s": first, "connect_when_running_s": statistics.median(again)}
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def first_answer_s(imports_first: bool) -> float:
+    """Seconds from spawning a home's server to its first /v1/models answer (`imports_first`: as before)."""
+    from llmlab.local.process import answers, read_record, stop_server
+
+    home = fresh_home()
+    code = "import llmlab.local.server\n" if imports_first else ""
+    code += "from llmlab.local.process import main\nmain()"
+    env = {**os.environ, "LLMLAB_HOME": str(home), "PYTHONPATH": str(REPO)}
+    started = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-c", code, "--home", str(home)], env=env)
+    while (record := read_record(home)) is None or not answers(record):
+        if child.poll() is not None:
+            raise RuntimeError("the server exited")
+        time.sleep(0.02)
+    seconds = time.perf_counter() - started
+    stop_server(home)
+    child.wait(30)
+    return seconds
+
+
+def start_times() -> dict:
+    now, before = [], []
+    for _ in range(3):
+        now.append(first_answer_s(False))
+        before.append(first_answer_s(True))
+    now_s, before_s = statistics.median(now), statistics.median(before)
+    return {"now_s": now_s, "before_s": before_s, "speedup": before_s / now_s}
 
 
 def main() -> None:
     shared, baseline = two_kernels("shared"), two_kernels("own")
     times = connect_times()
+    start = start_times()
     results = {
         "memory": {
             "shared_server": shared,
@@ -125,6 +171,7 @@ def main() -> None:
             "targets_s": {"first": FIRST_CONNECT_S, "when_running": CONNECT_S},
             "within_target": times["first_connect_s"] < FIRST_CONNECT_S
             and times["connect_when_running_s"] < CONNECT_S,
+            "server_start_to_first_models_answer": start,
         },
         "machine": {"cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]},
     }

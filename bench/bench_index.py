@@ -6,7 +6,7 @@ Clustered synthetic unit vectors (i.i.d. Gaussians have no neighbourhoods, so no
 them). Prints ratios against baselines measured in the same run and writes bench/results/index.json and
 bench/results/index_recall.png (recall@10 against queries/s for several hnsw `ef`). Also measures where a
 `where` filter's exact search over the matching rows stops beating hnswlib's filter callback, the
-crossover behind `llmlab.index.FILTER_EXACT_BELOW`.
+crossover behind `llmlab.index_hnsw.FILTER_EXACT_BELOW`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ import hnswlib
 import numpy as np
 from threadpoolctl import threadpool_info
 
-import llmlab.index as index_mod
-from llmlab.index import VectorIndex
+from llmlab.index import HNSW_DEFAULTS, VectorIndex, compile_where
+from llmlab.index_exact import ExactBackend
+from llmlab.index_hnsw import FILTER_EXACT_BELOW
 
 RESULTS = Path(__file__).resolve().parent / "results"
 K = 10
@@ -110,7 +111,7 @@ def bench_hnsw(x: np.ndarray, q: np.ndarray, truth: np.ndarray, singles: int) ->
     )
     ours = VectorIndex(dim, metric="ip", backend="hnsw")
     ours.add(x, metadata=[{"bucket": i % 1000} for i in range(len(x))])
-    raw = ours._graph
+    raw = ours._backend.graph
     out: dict = {"build_s": build, "build_s_raw": build_raw, "ef": []}
     for ef in (10, 20, 40, 80, 160):
         ours.ef = ef
@@ -127,30 +128,30 @@ def bench_hnsw(x: np.ndarray, q: np.ndarray, truth: np.ndarray, singles: int) ->
             lambda: ours.search(q, k=K), lambda: raw.knn_query(q, k=K), count=len(q)
         )
         out["ef"].append(row)
-    ours.ef = index_mod.HNSW_DEFAULTS["ef"]
+    ours.ef = HNSW_DEFAULTS["ef"]
     return out, ours
 
 
 def bench_filters(index: VectorIndex, q: np.ndarray, queries: int) -> dict:
     """Queries/s of the two filter strategies (matches already known), per fraction of rows allowed."""
     buckets = np.array([m["bucket"] for m in index._meta])
-    qs = q[:queries]
+    backend, qs = index._backend, q[:queries]
     rows = []
     for fraction in (0.001, 0.003, 0.01, 0.03, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9):
         allowed = np.flatnonzero(buckets < round(fraction * 1000))
-        labels = set(index._labels[allowed].tolist()).__contains__
+        subset = backend.subset(allowed)
         k = min(K, len(allowed))  # search() clamps k the same way
 
         def exact(allowed=allowed, k=k):
-            return np.array([index._exact(v[None], k, allowed)[0][0] for v in qs])
+            return np.array([ExactBackend.search(backend, v[None], k, allowed)[0][0] for v in qs])
 
-        def callback(allowed=allowed, labels=labels, k=k):
-            return np.array([index._approx(v[None], k, allowed, labels)[0][0] for v in qs])
+        def callback(subset=subset, k=k):
+            return np.array([backend.graph_search(v[None], k, subset)[0][0] for v in qs])
 
         row = {"fraction": fraction, "callback_recall": recall(callback(), exact())}
         row["exact_qps"], row["callback_qps"] = per_second(exact, callback, count=queries, repeat=2)
         rows.append(row)
-    where = index_mod.compile_where({"bucket": {"$lt": 100}})
+    where = compile_where({"bucket": {"$lt": 100}})
     (mask_s,) = per_second(lambda: index._matching("bench", where), count=1, repeat=1)
     crossover = next((r["fraction"] for r in rows if r["callback_qps"] >= r["exact_qps"]), None)
     return {"rows": rows, "crossover_fraction": crossover, "where_mask_per_s": mask_s}
@@ -218,7 +219,7 @@ def main() -> None:
         "exact": exact,
         "hnsw": hnsw,
         "filters": filters,
-        "filter_exact_below": index_mod.FILTER_EXACT_BELOW,
+        "filter_exact_below": FILTER_EXACT_BELOW,
         "ratios": {
             "exact_single_vs_faiss": exact["single_qps"] / exact["single_qps_faiss"],
             "exact_batch_vs_faiss": exact["batch_qps"] / exact["batch_qps_faiss"],
@@ -269,7 +270,7 @@ def main() -> None:
         )
     print(
         f"crossover (callback >= exact) at allowed fraction {filters['crossover_fraction']}; "
-        f"FILTER_EXACT_BELOW = {index_mod.FILTER_EXACT_BELOW}; evaluating a where over all rows: "
+        f"FILTER_EXACT_BELOW = {FILTER_EXACT_BELOW}; evaluating a where over all rows: "
         f"{1 / filters['where_mask_per_s'] * 1e3:.0f} ms (cached until the next write)"
     )
     print(

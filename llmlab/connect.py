@@ -12,18 +12,23 @@ llmlab: local backend at http://127.0.0.1:51234/v1 (OPENAI_API_KEY is not set; s
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import openai
-from openai import OpenAI
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID
 from llmlab.openai_facts import CHAT_MODEL, EMBEDDING_MODEL, FINETUNE_MODEL
 from llmlab.paths import llmlab_home
+
+if TYPE_CHECKING:
+    from openai import OpenAI
+# `openai` is imported where it is used: importing llmlab must stay light, for the server process
+# (`python -m llmlab.local.process`, which answers /v1/models before it imports the SDK's types).
 
 OPENAI_MODELS = {"chat": CHAT_MODEL, "embedding": EMBEDDING_MODEL, "finetune": FINETUNE_MODEL}
 LOCAL_MODELS = {"chat": CHAT_MODEL_ID, "embedding": EMBEDDING_MODEL_ID, "finetune": CHAT_MODEL_ID}
@@ -72,6 +77,8 @@ class Lab:
             return self.embedding_model is not None
         if self.backend != "endpoint":
             return True
+        import openai
+
         try:  # Ollama, llama.cpp, LM Studio and vLLM have no /v1/fine_tuning/jobs: a 404
             self.client.with_options(timeout=ENDPOINT_TIMEOUT, max_retries=0).fine_tuning.jobs.list(limit=1)
         except openai.OpenAIError:
@@ -82,17 +89,17 @@ class Lab:
         return f"Lab(backend={self.backend!r}, base_url={self.base_url!r}, chat_model={self.chat_model!r})"
 
 
-def _http_module():
+@functools.cache
+def _http_module() -> Any:
     """The httpx flavour that the installed `openai` SDK builds its clients on (httpx2 in SDK 3.x, httpx before)."""
+    import openai
+
     client = next(c for c in openai.DefaultHttpxClient.__mro__ if c.__name__ == "Client")
     return importlib.import_module(client.__module__.split(".")[0])
 
 
-_http = _http_module()
-
-
 def _openai_host(url: str) -> bool:
-    return _http.URL(url).host == "api.openai.com"
+    return urlsplit(url).hostname == "api.openai.com"
 
 
 def choose_backend(backend: str = "auto", base_url: str | None = None) -> tuple[str, str]:
@@ -156,6 +163,9 @@ def _listed(name: str, model_ids: list[str]) -> bool:
 def _endpoint_lab(
     base_url: str, api_key: str | None, chat_model: str | None, embedding_model: str | None
 ) -> Lab:
+    import openai
+    from openai import OpenAI
+
     # Many local servers need no key; the SDK insists on a non-empty one.
     client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "none")
     try:
@@ -176,28 +186,37 @@ def _endpoint_lab(
     return Lab(client, "endpoint", chat, embedding_model or picked_embedding, chat)
 
 
-class _FollowServer(_http.HTTPTransport):
-    """Sends the client's requests to the home's server, starting it again if it stopped (idle, or killed)."""
+@functools.cache
+def _follow_server_transport() -> type:
+    """`_FollowServer`, made on first use (its base class is the transport of the SDK's httpx flavour)."""
+    import openai
 
-    def __init__(self, home: Path) -> None:
-        super().__init__(limits=openai.DEFAULT_CONNECTION_LIMITS)
-        self.home = home
-        self.client: OpenAI | None = None
+    http = _http_module()
 
-    def handle_request(self, request: Any) -> Any:
-        try:
+    class _FollowServer(http.HTTPTransport):
+        """Sends the client's requests to the home's server, starting it again if it stopped (idle, or killed)."""
+
+        def __init__(self, home: Path) -> None:
+            super().__init__(limits=openai.DEFAULT_CONNECTION_LIMITS)
+            self.home = home
+            self.client: OpenAI | None = None
+
+        def handle_request(self, request: Any) -> Any:
+            try:
+                return super().handle_request(request)
+            except http.ConnectError:
+                from llmlab.local.process import ensure_server
+
+                record, _ = ensure_server(self.home)
+                if record.port == request.url.port:
+                    raise
+            if self.client is not None:  # later requests go straight to the new server
+                self.client.base_url, self.client.api_key = record.url, record.key
+            request.url = request.url.copy_with(port=record.port)
+            request.headers["Authorization"] = f"Bearer {record.key}"
             return super().handle_request(request)
-        except _http.ConnectError:
-            from llmlab.local.process import ensure_server
 
-            record, _ = ensure_server(self.home)
-            if record.port == request.url.port:
-                raise
-        if self.client is not None:  # later requests go straight to the new server
-            self.client.base_url, self.client.api_key = record.url, record.key
-        request.url = request.url.copy_with(port=record.port)
-        request.headers["Authorization"] = f"Bearer {record.key}"
-        return super().handle_request(request)
+    return _FollowServer
 
 
 def _lab(
@@ -217,8 +236,13 @@ def _local_lab(chat_model: str | None, embedding_model: str | None) -> tuple[Lab
     from llmlab.local.process import ensure_server
 
     home = llmlab_home()
+    # the SDK's import (1-2 s) runs while a new server starts, in its own process
+    threading.Thread(target=importlib.import_module, args=("openai",), daemon=True).start()
     record, started = ensure_server(home)
-    transport = _FollowServer(home)
+    import openai
+    from openai import OpenAI
+
+    transport = _follow_server_transport()(home)
     client = OpenAI(
         base_url=record.url, api_key=record.key, http_client=openai.DefaultHttpxClient(transport=transport)
     )
@@ -251,6 +275,8 @@ def connect(
     if chosen == "endpoint":
         lab = _endpoint_lab(base_url or os.environ["OPENAI_BASE_URL"], api_key, chat_model, embedding_model)
     elif chosen == "openai":
+        from openai import OpenAI
+
         client = OpenAI(base_url=base_url, api_key=api_key) if base_url else OpenAI(api_key=api_key)
         lab = _lab(client, "openai", OPENAI_MODELS, chat_model, embedding_model)
     else:

@@ -36,7 +36,7 @@ from pydantic_core import to_jsonable_python
 
 from llmlab import jsontext
 
-__all__ = ["RunResult", "Tool", "Trace", "TraceStep", "run", "tool"]
+__all__ = ["RunResult", "Tool", "Trace", "TraceStep", "run", "strict_mode_problems", "tool"]
 
 _SECTION = re.compile(
     r"^\s*(Args|Arguments|Parameters|Params|Returns?|Raises|Yields?|Examples?|Notes?)\s*:?\s*$"
@@ -226,6 +226,48 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None, descr
     if fn is None:
         return lambda f: Tool(f, name=name, description=description)
     return fn if isinstance(fn, Tool) else Tool(fn, name=name, description=description)
+
+
+def strict_mode_problems(schema: dict) -> list[str]:
+    """Why OpenAI would refuse the tool definition `schema` with ``"strict": true``; [] when it would accept it.
+
+    Strict mode (Structured Outputs for function calling) makes two demands of every object in the parameters
+    that an ordinary schema need not meet, and the SDK's own `to_strict_json_schema` enforces the same two:
+    ``"additionalProperties": false``, and every property in ``required`` (an optional parameter becomes a
+    required one that may be null).
+
+    >>> def greet(name: str, greeting: str = "Hello") -> str:
+    ...     '''Greet someone.'''
+    ...     return f"{greeting}, {name}"
+    >>> strict_mode_problems(Tool(greet).schema)
+    ["parameters: 'greeting' is not in required (it has a default)"]
+    """
+    problems: list[str] = []
+
+    def visit(node: Any, where: str) -> None:
+        if isinstance(node, list):
+            for i, item in enumerate(node):
+                visit(item, f"{where}[{i}]")
+            return
+        if not isinstance(node, dict):
+            return
+        if node.get("type") == "object" or "properties" in node:
+            if node.get("additionalProperties") is not False:
+                problems.append(f"{where}: additionalProperties is not false")
+            required = set(node.get("required", []))
+            for name, prop in node.get("properties", {}).items():
+                if name not in required:
+                    why = " (it has a default)" if isinstance(prop, dict) and "default" in prop else ""
+                    problems.append(f"{where}: {name!r} is not in required{why}")
+        for key, child in node.items():
+            if key in ("properties", "$defs", "definitions") and isinstance(child, dict):
+                for name, sub in child.items():
+                    visit(sub, f"{where}.{name}")
+            elif key in ("items", "anyOf", "allOf", "oneOf", "prefixItems"):
+                visit(child, f"{where}.{key}")
+
+    visit(schema.get("function", schema).get("parameters", {}), "parameters")
+    return problems
 
 
 @dataclass

@@ -387,3 +387,66 @@ def test_a_server_without_fine_tuning_says_so_and_a_dead_url_fails_fast(home, mo
         with pytest.raises(ConnectionError, match="did not answer"):
             llmlab.connect(base_url=f"http://127.0.0.1:{silent.getsockname()[1]}/v1", quiet=True)
     assert read_record(home) is None
+
+
+# -- a starting server ------------------------------------------------------------------------------------------
+def test_a_starting_server_lists_its_models_before_its_app_is_built(tmp_path):
+    """From the port's first moment the server answers the key's GET /v1/models (what `connect()` waits for) with
+    the same list the app gives; every other request, a wrong key or a web page's too, waits for the app."""
+    import uvicorn
+    from openai.types import Model
+
+    from llmlab.local.loopback import bind
+    from llmlab.local.server import create_app
+    from llmlab.local.starting import StartingApp
+    from llmlab.local.store import Store
+
+    tuned = {"id": "ftjob-a", "status": "succeeded", "_created_ns": 1, "finished_at": 1700000000}
+    Store(tmp_path).save_job({**tuned, "fine_tuned_model": "ft:SmolLM2-135M-Instruct:llmlab:x:a"})
+    release = threading.Event()
+    front = StartingApp(tmp_path, api_key="k")
+    front.start(lambda: release.wait(60) and create_app(tmp_path, api_key="k"), on_error=release.clear)
+    sock = bind()
+    server = uvicorn.Server(uvicorn.Config(front, lifespan="off", log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    try:
+        assert wait_until(lambda: server.started, 30)
+        url, key = f"http://127.0.0.1:{sock.getsockname()[1]}/v1", {"Authorization": "Bearer k"}
+        early = httpx.get(f"{url}/models", headers=key, timeout=10)
+        assert early.status_code == 200 and front.app is None
+        waiting = {
+            "files": lambda: httpx.get(f"{url}/files", headers=key, timeout=60),
+            "wrong key": lambda: httpx.get(
+                f"{url}/models", headers={"Authorization": "Bearer no"}, timeout=60
+            ),
+            "web page": lambda: httpx.get(
+                f"{url}/models", headers={**key, "Origin": "https://evil.example"}, timeout=60
+            ),
+        }
+        replies: dict[str, httpx.Response] = {}
+        threads = [
+            threading.Thread(target=lambda n=n, f=f: replies.update({n: f()})) for n, f in waiting.items()
+        ]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        assert replies == {} and front.app is None  # they wait: the app is not built
+        release.set()
+        for t in threads:
+            t.join(60)
+        assert {n: r.status_code for n, r in replies.items()} == {
+            "files": 200,
+            "wrong key": 401,
+            "web page": 403,
+        }
+        late = httpx.get(f"{url}/models", headers=key, timeout=10)  # now from the app
+        assert front.app is not None and late.json() == early.json()
+        listed = [Model.model_validate(m) for m in early.json()["data"]]
+        assert [m.id for m in listed] == [
+            CHAT_MODEL_ID,
+            EMBEDDING_MODEL_ID,
+            "ft:SmolLM2-135M-Instruct:llmlab:x:a",
+        ]
+    finally:
+        release.set()
+        server.should_exit = True

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from crashes import killed_at_replace
 
-import llmlab.index as index_mod
+import llmlab.index_hnsw as hnsw_mod
+import llmlab.topk as topk_mod
 from llmlab.course.data import DATA_DIR
 from llmlab.index import IndexFormatError, SearchResults, VectorIndex, compile_where
 
@@ -74,10 +75,10 @@ def hnsw_cosine(data):
 # ---- exact search --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize("k", [1, 7, 100])
-@pytest.mark.parametrize("tile_cells", [index_mod._TILE_CELLS, 1000])
+@pytest.mark.parametrize("tile_cells", [topk_mod.TILE_CELLS, 1000])
 def test_exact_matches_brute_force_with_ties(metric, k, tile_cells, monkeypatch):
     # 1,000 scores per tile: the database is read in many tiles of a few chunks (also for one query), the last short
-    monkeypatch.setattr(index_mod, "_TILE_CELLS", tile_cells)
+    monkeypatch.setattr(topk_mod, "TILE_CELLS", tile_cells)
     x, q = tie_vectors(3000, seed=0), tie_vectors(40, seed=1)
     index = VectorIndex(8, metric=metric)
     index.add(x[:1234], metadata=[{"odd": i % 2} for i in range(1234)])
@@ -158,7 +159,7 @@ def test_hnsw_filters_use_both_paths(hnsw_cosine, data, monkeypatch):
     exact.add(data[0], metadata=[{"group": i % 10, "name": f"n{i}"} for i in range(3000)])
     where = {"group": {"$in": [2, 5, 7]}}
     for threshold in (0.0, 1.01):  # 0: hnswlib's filter callback; 1.01: exact search over the matches
-        monkeypatch.setattr(index_mod, "FILTER_EXACT_BELOW", threshold)
+        monkeypatch.setattr(hnsw_mod, "FILTER_EXACT_BELOW", threshold)
         got = hnsw_cosine.search(q, k=10, where=where)
         want = exact.search(q, k=10, where=where)
         assert all(h.metadata["group"] in (2, 5, 7) for r in got for h in r)
@@ -340,8 +341,8 @@ def test_save_load_round_trip(tmp_path, data, backend, metric):
     assert manifest["version"] == 1 and manifest["count"] == 799
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp dirs left behind
     assert loaded.add(x[1000:3000])[0] == "800"  # grows past the saved capacity; ids continue
-    if backend == "hnsw":
-        assert loaded.ef == 64 and loaded._graph.ef == 64  # re-applied after load (hnswlib resets it to 10)
+    if backend == "hnsw":  # ef is re-applied after load (hnswlib resets it to 10)
+        assert loaded.ef == 64 and loaded._backend.graph.ef == 64
 
 
 def saved_twice(path) -> str:

@@ -7,9 +7,18 @@ import re
 
 import pytest
 
-from llmlab.course.data import DATA_DIR
+from llmlab.course.data import DATA_DIR, read_jsonl
 from llmlab.index import Hit, VectorIndex
-from llmlab.rag import Answer, KnowledgeBase, build_prompt, chunk, chunk_spans, document_title
+from llmlab.rag import (
+    ABSTAIN_INSTRUCTION,
+    Answer,
+    KnowledgeBase,
+    abstains,
+    build_prompt,
+    chunk,
+    chunk_spans,
+    document_title,
+)
 from llmlab.tokens import count_tokens
 
 HANDBOOK = DATA_DIR / "handbook"
@@ -93,12 +102,54 @@ def test_prompt_has_the_seed_shape():
     assert build_prompt("How many days?", hits) == [
         {
             "role": "system",
-            "content": "Using the following context, answer the user's question.\n\n"
+            "content": "Using the following context, answer the user's question. "
+            'If the context does not contain the answer, say "I don\'t know".\n\n'
             "Context:\n[1] You get 27 days.\n\n[2] Other text.",
         },
         {"role": "user", "content": "Question: How many days?"},
     ]
     assert KnowledgeBase.build_prompt("Q?", []) == build_prompt("Q?", [])
+
+
+def test_the_prompt_lets_the_model_abstain():
+    """The Cookbook's QA lesson: the instruction to say "I don't know" is in every prompt, with or without hits."""
+    for hits in ([Hit("a#0", 0.5, "Dogs come on Thursdays.", {})], []):
+        system = build_prompt("Is there a gym?", hits)[0]["content"]
+        assert system.startswith(
+            f"Using the following context, answer the user's question. {ABSTAIN_INSTRUCTION}"
+        )
+    assert ABSTAIN_INSTRUCTION == 'If the context does not contain the answer, say "I don\'t know".'
+
+
+@pytest.mark.parametrize(
+    ("answer", "abstained"),
+    [
+        ("I don't know.", True),
+        ("I don\u2019t know the price of coffee.", True),
+        ("I DO NOT KNOW", True),
+        ("The context does not contain the answer to this question.", True),
+        ("The handbook doesn't mention a canteen.", True),
+        ("This is not specified in the context.", True),
+        ("There is no information about a summer party.", True),
+        ("I'm not sure.", True),
+        ("I cannot answer that from the context.", True),
+        ("I'm not able to provide the answer to your question.", True),
+        ("Every employee gets 27 days of paid annual leave.", False),
+        ("A coffee costs EUR 1.20 in the Porto canteen.", False),
+        ("Knowing the rules, you may carry over 6 days.", False),
+        ("", False),
+    ],
+)
+def test_abstains_is_a_plain_phrase_rule(answer, abstained):
+    assert abstains(answer) is abstained
+
+
+def test_the_unanswerable_questions_file():
+    """data/unanswerable.jsonl: ids unique, each says what the handbook lacks, and none is an evaluation question."""
+    rows = read_jsonl("unanswerable.jsonl")
+    asked = {e["question"] for e in read_jsonl("eval.jsonl")}
+    assert len(rows) >= 10 and len({r["id"] for r in rows}) == len(rows)
+    assert all(r["question"].endswith("?") and r["missing"] and r["question"] not in asked for r in rows)
 
 
 def test_answer_display():
@@ -171,6 +222,30 @@ def test_answer_with_sources_prompt_usage_and_timings(handbook, lab):
     assert answer.usage.prompt_tokens > 100 and 0 < answer.usage.completion_tokens <= 40
     assert set(answer.timings) == {"embed", "search", "generate"}
     assert all(t >= 0 for t in answer.timings.values())
+
+
+def test_the_instruction_makes_the_model_abstain_where_the_handbook_is_silent(lab, handbook):
+    """Greedy answers to two questions no policy answers (coffee prices, a dress code), with the handbook's
+    context: with the instruction right after the question SmolLM2-135M says it does not know, which the
+    seed's prompt alone never makes it say. (Notebook 05 measures where the instruction is best placed.)"""
+    questions = {row["id"]: row["question"] for row in read_jsonl("unanswerable.jsonl")}
+
+    def abstained(messages: list[dict]) -> bool:
+        response = lab.client.chat.completions.create(
+            model=lab.chat_model, messages=messages, temperature=0, max_completion_tokens=32
+        )
+        return abstains(response.choices[0].message.content or "")
+
+    with_rule, without = 0, 0
+    for question in (questions["u01"], questions["u02"]):
+        system, user = handbook.build_prompt(question, handbook.search(question, k=3))
+        seed = {"role": "system", "content": system["content"].replace(f" {ABSTAIN_INSTRUCTION}", "", 1)}
+        assert seed["content"] != system["content"]
+        with_rule += abstained(
+            [seed, {"role": "user", "content": f"{user['content']}\n{ABSTAIN_INSTRUCTION}"}]
+        )
+        without += abstained([seed, user])
+    assert with_rule > without, (with_rule, without)
 
 
 def test_a_new_document_is_answerable_at_once(lab, handbook):

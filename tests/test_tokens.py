@@ -103,6 +103,28 @@ def test_lone_surrogate_does_not_crash():
     assert tokens.count_tokens("a\ud800b") >= 2
 
 
+def test_the_private_counter_of_bpe_openai_is_still_there():
+    """tokens._counter counts through bpe-openai's private `_bindings` (its docstring says why): a release that
+    drops or changes it fails here, with the reason, rather than somewhere deep in a dataset validation."""
+    import bpe_openai
+
+    try:
+        from bpe_openai import _bindings
+    except ImportError as e:
+        pytest.fail(
+            f"bpe-openai {bpe_openai.__version__} no longer has the private module _bindings ({e}); "
+            "llmlab.tokens._counter counts tokens through it: port _counter to this release's API"
+        )
+    count = getattr(_bindings.tokenizer_for_encoding("o200k_base"), "count", None)
+    assert callable(count), (
+        f"bpe-openai {bpe_openai.__version__}: _bindings' tokenizer has no count(text) any more; "
+        "llmlab.tokens._counter needs it: port _counter to this release's API"
+    )
+    assert count("hello world") == 2
+    text = "word " * 210_000  # more than the public API accepts (1,000,000 characters, 200,000 tokens)
+    assert tokens.count_tokens(text) == 210_001
+
+
 def test_count_matches_encode_on_long_mixed_text():
     text = (
         "Leave policy: 25 days/year. Überstunden → 1.5×; 休暇は25日。\n\n  def f(x): return x**2  # ok\n" * 50

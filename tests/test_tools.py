@@ -12,7 +12,7 @@ import pytest
 from pydantic import AfterValidator, BaseModel
 from typing_extensions import TypedDict
 
-from llmlab.tools import Tool, parse_docstring, run, tool
+from llmlab.tools import Tool, parse_docstring, run, strict_mode_problems, tool
 
 # ---------------------------------------------------------------- schema generation (pure, fast)
 
@@ -621,3 +621,35 @@ def test_parallel_calls_never_repeat_a_call(local_lab):
     keys = [(c.function.name, json.dumps(json.loads(c.function.arguments), sort_keys=True)) for c in calls]
     assert len(keys) == len(set(keys))
     assert response.usage.completion_tokens < 150  # stopped early, not at max_tokens
+
+
+class _Room(BaseModel):
+    name: str
+    floor: int = 1
+
+
+class _Booking(BaseModel):
+    room: _Room
+    hours: int | None = None
+
+
+def test_strict_mode_problems_agree_with_the_sdks_strict_schemas():
+    """A definition the SDK made strict (`openai.pydantic_function_tool`) passes; ours of the same shape names
+    every object and property that strict mode would refuse, nested ones included."""
+    assert strict_mode_problems(openai.pydantic_function_tool(_Booking)) == []
+
+    def book(room: _Room, hours: int | None = None) -> str:
+        """Book a room."""
+        return "ok"
+
+    assert strict_mode_problems(Tool(book).schema) == [
+        "parameters: 'hours' is not in required (it has a default)",
+        "parameters.room: additionalProperties is not false",
+        "parameters.room: 'floor' is not in required (it has a default)",
+    ]
+    loose = {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "object"}}}}
+    assert strict_mode_problems({"parameters": loose}) == [
+        "parameters: additionalProperties is not false",
+        "parameters: 'tags' is not in required",
+        "parameters.tags.items: additionalProperties is not false",
+    ]

@@ -1,4 +1,4 @@
-"""Whether a host name (as in a URL or a `Host` header) is this machine's loopback.
+"""Whether a host name (as in a URL or a `Host` header) is this machine's loopback; binding a server's port.
 
 >>> is_loopback("127.0.0.1:8000")
 True
@@ -7,6 +7,7 @@ True
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 
 def is_loopback(host: str | None) -> bool:
@@ -26,3 +27,15 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A socket bound to `host`:`port` (0 = a free port); OSError (EADDRINUSE) when the port is taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

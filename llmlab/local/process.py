@@ -24,12 +24,12 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import httpx
+from typing import Any
 
 from llmlab.paths import atomic_write_text, llmlab_home
 
@@ -137,6 +137,8 @@ def _alive(pid: int) -> bool:
 
 def answers(record: ServerRecord, timeout: float = PROBE_TIMEOUT) -> bool:
     """True when the record's port answers GET /v1/models with the record's key (so it is that server)."""
+    import httpx  # here, not at the top: the server process itself never needs it
+
     try:
         return httpx.get(f"{record.url}/models", headers=record.headers(), timeout=timeout).status_code == 200
     except httpx.HTTPError:
@@ -281,41 +283,59 @@ def run(
     log_level: str = "warning",
     on_ready: Callable[[ServerRecord], None] | None = None,
 ) -> None:
-    """Serve `home` in this process until stopped or idle, keeping its record while it runs."""
-    from llmlab.local.server import serve
+    """Serve `home` in this process until stopped or idle, keeping its record while it runs.
+
+    The port is bound and the record written before the app is built: `starting.StartingApp` answers
+    GET /v1/models at once while FastAPI, the `openai` types and the app are imported and made in a thread.
+    Bound to a non-loopback `host`, it answers any `Host` name (the CLI then requires an API key).
+    """
+    import uvicorn
+
+    from llmlab.local.loopback import bind, is_loopback
+    from llmlab.local.starting import StartingApp
 
     key = api_key or secrets.token_urlsafe(32)
     pid = os.getpid()
+    sock = bind(host, port)
+    allow_remote = not is_loopback(host)
+    front = StartingApp(home, api_key=key, allow_remote=allow_remote)
+    config = uvicorn.Config(
+        front, log_level=log_level, lifespan="off", timeout_keep_alive=30, timeout_graceful_shutdown=5
+    )
+    server = uvicorn.Server(config)
 
-    def ready(bound_port: int) -> None:
-        reach = "127.0.0.1" if host in ("0.0.0.0", "localhost") else host
-        reach = f"[{reach}]" if ":" in reach else reach
-        record = ServerRecord(
-            url=f"http://{reach}:{bound_port}/v1",
-            port=bound_port,
-            pid=pid,
-            version=_version(),
-            home=str(home),
-            started_at=time.time(),
-            idle_timeout=idle_timeout,
-            key=key,
-        )
-        _write_record(home, record)
-        if on_ready is not None:
-            on_ready(record)
+    def build() -> Any:
+        from llmlab.local.server import create_app, stop_when_idle
 
+        app = create_app(home, api_key=key, allow_remote=allow_remote)
+        if idle_timeout:
+            threading.Thread(target=stop_when_idle, args=(app, server, idle_timeout), daemon=True).start()
+        return app
+
+    def stop() -> None:
+        server.should_exit = True
+
+    reach = "127.0.0.1" if host in ("0.0.0.0", "localhost") else host
+    reach = f"[{reach}]" if ":" in reach else reach
+    bound_port = sock.getsockname()[1]
+    record = ServerRecord(
+        url=f"http://{reach}:{bound_port}/v1",
+        port=bound_port,
+        pid=pid,
+        version=_version(),
+        home=str(home),
+        started_at=time.time(),
+        idle_timeout=idle_timeout,
+        key=key,
+    )
     # uvicorn shuts down gracefully on SIGTERM, then raises it again: exit through `finally`, not by the signal
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        serve(
-            host=host,
-            port=port,
-            api_key=key,
-            home=home,
-            idle_timeout=idle_timeout,
-            on_ready=ready,
-            log_level=log_level,
-        )
+        front.start(build, on_error=stop)
+        _write_record(home, record)
+        if on_ready is not None:
+            on_ready(record)
+        server.run(sockets=[sock])
     finally:
         _remove_record(home, pid)
 

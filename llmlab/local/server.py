@@ -17,7 +17,6 @@ import json
 import logging
 import queue
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -37,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmlab import openai_facts
 from llmlab.local.jobs import JobRequestError, JobRunner
-from llmlab.local.loopback import is_loopback
+from llmlab.local.loopback import bind, is_loopback
 from llmlab.local.requests import (
     APIError,
     ChatCompletionRequest,
@@ -50,15 +49,12 @@ from llmlab.local.requests import (
     parse,
     request_error,
 )
+from llmlab.local.starting import DEFAULT_MAX_TOKENS, model_list
 from llmlab.local.store import Store, new_id, paginate, public
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, resolve_alias
 from llmlab.paths import llmlab_home
 
-# A request that sets no max_tokens gets at most this many (shown in /v1/models as `default_max_tokens`):
-# SmolLM2 can loop for its whole 8,192-token context, minutes on a CPU with the shared model locked.
-DEFAULT_MAX_TOKENS = 512
 EMBEDDING_INPUT_LIMIT = 8191  # OpenAI's limit per embeddings input, in its own tokens (cl100k_base)
-_CREATED = 1730000000  # a fixed "created" time for the bundled models
 JsonBody = Annotated[dict[str, Any], Body()]
 Limit = Annotated[int, Query(ge=1, le=10000)]
 _log = logging.getLogger(__name__)
@@ -150,28 +146,11 @@ class LocalBackend:
         raise _model_not_found(model)
 
     def model_list(self) -> list[dict]:
-        local = [
-            Model(id=name, created=_CREATED, object="model", owned_by="llmlab", **_limits(name)).model_dump(
-                mode="json"
-            )
-            for name in (CHAT_MODEL_ID, EMBEDDING_MODEL_ID)
-        ]
-        tuned = [
-            j for j in self.store.list_jobs() if j["status"] == "succeeded" and j.get("fine_tuned_model")
-        ]
-        return local + _rendered(tuned, _tuned_model)
-
-
-def _limits(model: str) -> dict:
-    """What a chat model's listing adds: the cap on a request that sets no max_tokens."""
-    return {} if model == EMBEDDING_MODEL_ID else {"default_max_tokens": DEFAULT_MAX_TOKENS}
-
-
-def _tuned_model(job: dict) -> dict:
-    name = job["fine_tuned_model"]
-    return Model(
-        id=name, created=job["finished_at"], object="model", owned_by="llmlab", **_limits(name)
-    ).model_dump(mode="json")
+        """What GET /v1/models lists (`starting.model_list`, which answers it while the server starts)."""
+        return _rendered(
+            model_list(self.store),
+            lambda m: Model.model_validate(m).model_dump(mode="json", exclude_unset=True),
+        )
 
 
 def _model_not_found(model: str) -> APIError:
@@ -827,49 +806,11 @@ def idle_seconds(app: FastAPI) -> float:
     return app.state.activity.idle_seconds()
 
 
-def _stop_when_idle(app: FastAPI, server: uvicorn.Server, idle_timeout: float) -> None:
+def stop_when_idle(app: FastAPI, server: uvicorn.Server, idle_timeout: float) -> None:
     while not server.should_exit:
         time.sleep(min(5.0, idle_timeout / 4))
         if idle_seconds(app) >= idle_timeout:
             server.should_exit = True
-
-
-def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A socket bound to `host`:`port` (0 = a free port); OSError (EADDRINUSE) when the port is taken."""
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def serve(
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    *,
-    home: Path | str | None = None,
-    idle_timeout: float | None = None,
-    on_ready: Callable[[int], None] | None = None,
-    log_level: str = "info",
-) -> None:
-    """Run the server in the foreground (the CLI checks the host) until stopped, or idle for `idle_timeout` s.
-
-    `on_ready(port)` runs once the port is bound, before the first request is read. Bound to a non-loopback
-    `host`, it answers any `Host` name (the CLI then requires an API key).
-    """
-    sock = bind(host, port)
-    app = create_app(home or llmlab_home(), api_key=api_key, allow_remote=not is_loopback(host))
-    config = uvicorn.Config(app, log_level=log_level, timeout_keep_alive=30, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    if idle_timeout:
-        threading.Thread(target=_stop_when_idle, args=(app, server, idle_timeout), daemon=True).start()
-    if on_ready is not None:
-        on_ready(sock.getsockname()[1])
-    server.run(sockets=[sock])
 
 
 def serve_app_in_thread(app: FastAPI, port: int = 0) -> tuple[str, Callable[[], None]]:
