@@ -2,7 +2,7 @@
 
     python bench/bench_backend.py           # writes bench/results/backend.json
 
-- memory: two notebook kernels (Python processes) both use chat and embeddings, then one runs a
+- memory, as on Binder (`MEM_LIMIT` = 2 GB): two notebook kernels (Python processes) both use chat and embeddings, then one runs a
   tutorial-size LoRA job (16 examples of data/qa_train.jsonl, batch 4, one epoch) while the other stays
   open. Reported: the sum of every process's peak resident memory (VmHWM; an upper bound of the total's
   peak) — shared: the two kernels + the one server process (target < 1.5 GB); baseline: each kernel with a
@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TRAIN = (REPO / "data" / "qa_train.jsonl").read_text().splitlines()[:16]
 TARGET_MB, FIRST_CONNECT_S, CONNECT_S = 1536, 2.0, 0.5
+BINDER_BYTES = 2 * 2**30
 
 
 def _peak_mb(pid: int) -> float:
@@ -80,7 +81,8 @@ def two_kernels(mode: str) -> dict:
     from llmlab.local.process import read_record, stop_server
 
     home = fresh_home()
-    env = {**os.environ, "LLMLAB_HOME": str(home), "PYTHONPATH": str(REPO)}
+    # Binder's scenario: its 2 GB limit, said in MEM_LIMIT as JupyterHub does (training then checkpoints)
+    env = {**os.environ, "LLMLAB_HOME": str(home), "PYTHONPATH": str(REPO), "MEM_LIMIT": str(BINDER_BYTES)}
     args = [sys.executable, __file__, "--kernel", mode]
     idle = subprocess.Popen([*args, "0"], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     trainer = subprocess.Popen([*args, "1"], env=env, stdout=subprocess.PIPE, text=True)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from llmlab.local.runtime import EmbeddingRuntime
 
@@ -33,3 +34,29 @@ def test_embeddings_match_sentence_transformers_without_importing_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_checkpointing_follows_binders_limit_the_cgroup_or_the_switch(tmp_path):
+    """MEM_LIMIT (JupyterHub, Binder), a cgroup v2 or v1 limit, or the machine's memory: under 4 GiB training
+    checkpoints activations; `LLMLAB_ACTIVATION_CHECKPOINTING` overrides; a bad value is a clear error."""
+    from llmlab.local.memory_limit import checkpointing_wanted, memory_limit_bytes
+
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    v2.mkdir()
+    big = tmp_path / "meminfo"
+    big.write_text("MemTotal:       25165824 kB\nMemFree: 1 kB\n")
+    (v2 / "memory.max").write_text("max\n")  # a container without a limit
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("2147483648\n")
+    assert memory_limit_bytes({}, v2, big) == 24 * 2**30
+    assert not checkpointing_wanted({}, cgroup=v2, meminfo=big)
+    assert checkpointing_wanted({"MEM_LIMIT": "2147483648"}, cgroup=v2, meminfo=big)
+    assert checkpointing_wanted({}, cgroup=v1, meminfo=big)
+    (v2 / "memory.max").write_text("1073741824\n")
+    assert memory_limit_bytes({}, v2, big) == 2**30 and checkpointing_wanted({}, cgroup=v2, meminfo=big)
+    assert not checkpointing_wanted({"LLMLAB_ACTIVATION_CHECKPOINTING": "0"}, cgroup=v2, meminfo=big)
+    assert checkpointing_wanted(
+        {"LLMLAB_ACTIVATION_CHECKPOINTING": "on"}, cgroup=v1.parent / "none", meminfo=big
+    )
+    with pytest.raises(ValueError, match="LLMLAB_ACTIVATION_CHECKPOINTING must be"):
+        checkpointing_wanted({"LLMLAB_ACTIVATION_CHECKPOINTING": "sometimes"})

@@ -328,3 +328,31 @@ def test_a_broken_file_fails_the_job_and_the_monitor_says_why(lab, ft_examples, 
     monitor = JobMonitor(lab, job.id, start=False)
     monitor.refresh()
     assert monitor.finished and "failed" in monitor.summary() and "line 4" in monitor.summary()
+
+
+def test_checkpointing_where_memory_is_tight_trains_the_same_adapter(rt, tmp_path, monkeypatch):
+    """Activation checkpointing (on under Binder's limit, llmlab.local.memory_limit) changes memory and time,
+    not what is learned: the same losses step by step and the same adapter weights."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for switch in ("0", "1"):
+        monkeypatch.setenv("LLMLAB_ACTIVATION_CHECKPOINTING", switch)
+        steps: list[StepInfo] = []
+        result = train_lora(
+            rt,
+            _examples()[:4],
+            n_epochs=1,
+            batch_size=2,
+            seed=5,
+            out_dir=tmp_path / switch,
+            on_step=steps.append,
+        )
+        runs[switch] = (
+            [s.train_loss for s in steps],
+            load_file(result.adapter_dir / "adapter_model.safetensors"),
+        )
+    (losses_off, weights_off), (losses_on, weights_on) = runs["0"], runs["1"]
+    assert losses_on == pytest.approx(losses_off, rel=1e-4)
+    assert weights_on.keys() == weights_off.keys()
+    assert all(torch.allclose(weights_on[k], weights_off[k], atol=1e-5) for k in weights_on)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from llmlab.local.chat_format import render_pieces
+from llmlab.local.memory_limit import checkpointing_wanted
 from llmlab.local.runtime import torch_threads
 
 LORA_RANK, LORA_ALPHA = 16, 32
@@ -299,10 +300,11 @@ def _train(
         task_type="CAUSAL_LM",
     )
     view = runtime.base_view()
-    # Keep each decoder layer's input only and recompute its insides during backward: a training step's
-    # activations (~0.7 MB per token, ~90 MB for one tutorial example) were the largest part of the server's
-    # peak memory with a job running; the same losses and adapter, for ~30% more time per step.
-    view.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if checkpointing_wanted():
+        # Keep each decoder layer's input only and recompute its insides during backward: a training step's
+        # activations (~0.7 MB per token, ~90 MB for one tutorial example) are the largest part of the server's
+        # peak memory with a job running; the same losses and adapter, for ~30% more time per step.
+        view.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(view, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
