@@ -205,11 +205,11 @@ class JobRunner:
             ):
                 return
             hyper = self._resolve(job["hyperparameters"], n_examples)
-            with self.store._lock:
-                if self.store.get_job(job_id)["status"] != "validating_files":
-                    return  # cancelled meanwhile
-                method = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
-                self.store.update_job(job_id, status="queued", hyperparameters=hyper, method=method)
+            method = {"type": "supervised", "supervised": {"hyperparameters": hyper}}
+            if not self.store.transition_job(
+                job_id, "validating_files", status="queued", hyperparameters=hyper, method=method
+            ):
+                return  # cancelled meanwhile
             self.store.add_event(job_id, "Files validated, moving job to queued state")
             self._queue.put(job_id)
         except Exception as exc:  # a bug or an unreadable file must fail the job, never leave it hanging

@@ -155,6 +155,24 @@ class Store:
             job.update(changes)
             return self.save_job(job)
 
+    def transition_job(self, job_id: str, from_status: str, **changes: Any) -> bool:
+        """Apply `changes` only while the job's status is `from_status` (compare and set, under the store's lock);
+        whether it did. A job cancelled meanwhile is left as it is.
+
+        >>> import tempfile; store = Store(Path(tempfile.mkdtemp()))
+        >>> _ = store.job_dir("ftjob-1").mkdir()
+        >>> _ = store.save_job({"id": "ftjob-1", "status": "cancelled", "_created_ns": 0})
+        >>> store.transition_job("ftjob-1", "validating_files", status="queued"), store.get_job("ftjob-1")["status"]
+        (False, 'cancelled')
+        """
+        with self._lock:
+            job = self.get_job(job_id)
+            if job is None or job["status"] != from_status:
+                return False
+            job.update(changes)
+            self.save_job(job)
+            return True
+
     def get_job(self, job_id: str) -> dict | None:
         return self._read(self.job_dir(job_id) / "job.json", _JOB_KEYS) if _safe_id(job_id) else None
 
