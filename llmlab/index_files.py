@@ -96,6 +96,32 @@ def write_folder(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     return path
 
 
+def checked_manifest(path: Path, filename: str, fmt: str, version: int, rebuild: str = "") -> dict:
+    """The JSON manifest `filename` of the saved folder `path`, whose `format` must be `fmt` (a saved thing of
+    another kind is refused) and `version` this llmlab's; any fault is an `IndexFormatError` naming the file.
+    `rebuild` ends the message for a version this llmlab cannot read (what to do instead).
+
+    >>> checked_manifest(Path("/nonexistent"), "manifest.json", FORMAT, FORMAT_VERSION)
+    Traceback (most recent call last):
+    llmlab.index_files.IndexFormatError: no saved VectorIndex at /nonexistent: it has no manifest.json
+    """
+    what = fmt.rpartition(".")[2]  # "llmlab.VectorIndex" -> "VectorIndex"
+    try:
+        manifest = jsontext.loads((path / filename).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise IndexFormatError(f"no saved {what} at {path}: it has no {filename}") from None
+    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
+        raise IndexFormatError(f"{path}/{filename} is corrupted: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise IndexFormatError(f"{path} is not a saved {what} (its format is not {fmt!r})")
+    if manifest.get("version") != version:
+        raise IndexFormatError(
+            f"{path} was saved in format version {manifest.get('version')!r}; this llmlab reads version "
+            f"{version}{rebuild}"
+        )
+    return manifest
+
+
 def read_manifest(
     path: str | os.PathLike, dim: int | None = None, metric: str | None = None
 ) -> tuple[Path, dict]:
@@ -112,18 +138,7 @@ def read_manifest(
             stacklevel=3,
         )
         path = aside
-    try:
-        manifest = jsontext.loads((path / "manifest.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IndexFormatError(f"{path} is not a saved VectorIndex: it has no manifest.json") from None
-    except (OSError, ValueError) as e:  # ValueError: not UTF-8 or not JSON
-        raise IndexFormatError(f"{path}/manifest.json is corrupted: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise IndexFormatError(f"{path} is not a saved VectorIndex (manifest format is not {FORMAT!r})")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{path} was saved in format version {manifest.get('version')!r}; this llmlab reads version {FORMAT_VERSION}"
-        )
+    manifest = checked_manifest(path, "manifest.json", FORMAT, FORMAT_VERSION)
     for key, want in (("dim", dim), ("metric", metric)):
         if want is not None and manifest.get(key) != want:
             raise IndexFormatError(f"{path} holds {key}={manifest.get(key)!r}, expected {key}={want!r}")

@@ -29,6 +29,7 @@ from typing import Any
 from llmlab import jsontext
 from llmlab.embed import embed
 from llmlab.index import IndexFormatError, SearchResults, VectorIndex
+from llmlab.index_files import checked_manifest
 from llmlab.openai_facts import EMBEDDING_MODEL
 from llmlab.paths import atomic_write_text, remove_orphans, temp_names
 from llmlab.tokens import count_tokens, encoding_for
@@ -502,20 +503,8 @@ class KnowledgeBase:
 
 def _read_manifest(path: Path) -> dict:
     """The manifest of a saved knowledge base, checked for its format and version."""
-    try:
-        manifest = jsontext.loads((path / KB_MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise IndexFormatError(f"no saved KnowledgeBase at {path}: it has no {KB_MANIFEST}") from None
-    except (OSError, ValueError) as e:
-        raise IndexFormatError(f"{path}/{KB_MANIFEST} is corrupted: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != KB_FORMAT:
-        raise IndexFormatError(f"{path} is not a saved KnowledgeBase (its format is not {KB_FORMAT!r})")
-    if manifest.get("version") != KB_FORMAT_VERSION:
-        raise IndexFormatError(
-            f"{path} holds a knowledge base saved in format version {manifest.get('version')!r}; this llmlab "
-            f"reads version {KB_FORMAT_VERSION}: build it again from its documents with add_documents() and save it"
-        )
-    return manifest
+    rebuild = ": build it again from its documents with add_documents() and save it"
+    return checked_manifest(path, KB_MANIFEST, KB_FORMAT, KB_FORMAT_VERSION, rebuild)
 
 
 def _saved_folder(path: Path) -> str | None:
