@@ -307,7 +307,7 @@ def test_only_loopback_hosts_and_origins_are_served(fresh):
 
 
 def test_llmlab_serve_takes_the_api_key_from_the_environment(tmp_path):
-    from llmlab.local.server import is_loopback
+    from llmlab.local.loopback import is_loopback
 
     assert is_loopback("localhost") and not is_loopback("0.0.0.0")
     with socket.socket() as probe:

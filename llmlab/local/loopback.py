@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 
 def is_loopback(host: str | None) -> bool:
@@ -27,6 +29,21 @@ def is_loopback(host: str | None) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def refusal(headers: Mapping[str, str], allow_remote: bool) -> str | None:
+    """Why a request with these (lower-case) headers is refused, or None: "host_not_allowed" when its `Host` is
+    not a loopback name (DNS rebinding; allowed with `allow_remote`), "origin_not_allowed" when a browser sends
+    it from a page whose `Origin` is not loopback (a web page the learner visits).
+
+    >>> refusal({"host": "evil.example"}, False), refusal({"host": "localhost:8", "origin": "http://[::1]:9"}, False)
+    ('host_not_allowed', None)
+    """
+    if not allow_remote and "host" in headers and not is_loopback(headers["host"]):
+        return "host_not_allowed"
+    if "origin" in headers and not is_loopback(urlsplit(headers["origin"]).hostname):
+        return "origin_not_allowed"
+    return None
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import uvicorn
 from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llmlab import openai_facts
 from llmlab.local.jobs import JobRequestError, JobRunner
-from llmlab.local.loopback import bind, is_loopback
+from llmlab.local.loopback import bind, refusal
 from llmlab.local.requests import (
     APIError,
     ChatCompletionRequest,
@@ -726,6 +726,12 @@ def _require_key(app: FastAPI, api_key: str) -> None:
         return await call_next(request)
 
 
+_REFUSALS = {
+    "host_not_allowed": "Requests must be addressed to a loopback host.",
+    "origin_not_allowed": "Cross-origin requests are refused.",
+}
+
+
 class _Guard:
     """The outermost middleware: who may call, and a 500 that keeps the connection open.
 
@@ -742,15 +748,8 @@ class _Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        refusal = None
-        if not self.allow_remote and "host" in headers and not is_loopback(headers["host"]):
-            refusal = APIError(
-                403, "Requests must be addressed to a loopback host.", None, "host_not_allowed"
-            )
-        elif "origin" in headers and not is_loopback(urlsplit(headers["origin"]).hostname):
-            refusal = APIError(403, "Cross-origin requests are refused.", None, "origin_not_allowed")
-        if refusal is not None:
-            return await refusal.response()(scope, receive, send)
+        if (code := refusal(headers, self.allow_remote)) is not None:
+            return await APIError(403, _REFUSALS[code], None, code).response()(scope, receive, send)
         started = False
 
         async def tracked(message: dict) -> None:

@@ -22,9 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from llmlab.local.loopback import is_loopback
+from llmlab.local.loopback import refusal
 from llmlab.local.store import Store
 from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID
 
@@ -95,13 +94,9 @@ class StartingApp:
         """A request the real app would answer with the model list (the checks of its key and guard)."""
         if scope["type"] != "http" or scope["method"] != "GET" or scope["path"] != "/v1/models":
             return False
-        headers = dict(scope["headers"])
-        host, origin = headers.get(b"host"), headers.get(b"origin")
-        return (
-            secrets.compare_digest(headers.get(b"authorization", b""), self._key)
-            and (self.allow_remote or host is None or is_loopback(host.decode("latin-1")))
-            and (origin is None or is_loopback(urlsplit(origin.decode("latin-1")).hostname))
-        )
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        given = headers.get("authorization", "").encode("latin-1")
+        return secrets.compare_digest(given, self._key) and refusal(headers, self.allow_remote) is None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         app = self.app
