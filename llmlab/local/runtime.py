@@ -640,14 +640,14 @@ class ChatRuntime:
         generator = torch.Generator()
         generator.manual_seed(seed if seed is not None else generator.seed())
         tokens: list[int] = []
-        counts = torch.zeros(0)  # of each generated token, when a penalty is asked for
         text, emitted, finish = "", 0, "length"
         with self._lock, self._using(adapter):
             logits, advance = self._decoder(ids, adapter, max_tokens)
             logits = logits[-1]
+            # how often each token was generated, when a penalty is asked for
+            counts = torch.zeros(logits.shape[-1]) if frequency_penalty or presence_penalty else None
             while len(tokens) < max_tokens:
-                if frequency_penalty or presence_penalty:
-                    counts = counts if len(counts) else torch.zeros(logits.shape[-1])
+                if counts is not None:
                     logits = _penalized(logits, counts, frequency_penalty, presence_penalty)
                 if matcher is not None:
                     self._mask(logits, matcher)
@@ -658,7 +658,7 @@ class ChatRuntime:
                     finish = "stop"
                     break
                 tokens.append(token)
-                if len(counts):
+                if counts is not None:
                     counts[token] += 1
                 if handout is not None:
                     handout.add(self._token_logprob(logits, token, logprobs))
