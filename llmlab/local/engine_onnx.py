@@ -53,6 +53,11 @@ ADAPTER_FILE = "adapter.onnx_adapter"  # beside the peft adapter it is exported 
 class AdapterError(ValueError):
     """A LoRA adapter that cannot be served (missing, unreadable or of an unsupported kind)."""
 
+    @classmethod
+    def unreadable(cls, folder: str | os.PathLike, exc: Exception) -> AdapterError:
+        """The error for an adapter whose files could not be read (`exc` says why), on either engine."""
+        return cls(f"the adapter in {folder} is unreadable: {type(exc).__name__}: {exc}")
+
 
 def engine_name(environ: Mapping[str, str] = os.environ) -> str:
     """The chat engine `$LLMLAB_ENGINE` asks for: "torch" (default) or "onnx".
@@ -169,7 +174,7 @@ def export_adapter(adapter_dir: str | os.PathLike, layers: int) -> Path:
         config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
         tensors = load_file(str(weights))
     except Exception as exc:  # a missing file, a damaged header (safetensors' own error type), bad JSON
-        raise AdapterError(f"the adapter in {folder} is unreadable: {type(exc).__name__}: {exc}") from exc
+        raise AdapterError.unreadable(folder, exc) from exc
     if config.get("peft_type") != "LORA" or config.get("use_dora") or config.get("rank_pattern"):
         raise AdapterError(f"the adapter in {folder} is not a plain LoRA adapter (DoRA or per-module ranks)")
     rank, alpha = config["r"], config["lora_alpha"]

@@ -454,9 +454,7 @@ class ChatRuntime:
                     else:
                         self._peft.load_adapter(str(path), adapter_name=name)
                 except Exception as exc:  # a missing file, a damaged header (safetensors' own error type)
-                    raise AdapterError(
-                        f"the adapter in {path} is unreadable: {type(exc).__name__}: {exc}"
-                    ) from exc
+                    raise AdapterError.unreadable(path, exc) from exc
                 self._model.requires_grad_(False)
             self._adapters[name] = Path(path)
 
