@@ -23,10 +23,12 @@ to the shared prefix and reads only the rest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+_log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx")
 SHARED_KV = 2048  # tokens: 94 MB of KV states
 MIN_REUSE = 16  # a cached prefix shorter than this is not worth a rewind
@@ -59,13 +62,25 @@ class AdapterError(ValueError):
         return cls(f"the adapter in {folder} is unreadable: {type(exc).__name__}: {exc}")
 
 
-def engine_name(environ: Mapping[str, str] = os.environ) -> str:
-    """The chat engine `$LLMLAB_ENGINE` asks for: "torch" (default) or "onnx".
+def onnx_available() -> bool:
+    """Whether `onnxruntime_genai` can be imported here (it has wheels for Linux, Windows and Apple silicon)."""
+    import importlib.util
 
-    >>> engine_name({}), engine_name({"LLMLAB_ENGINE": " ONNX "})
+    return importlib.util.find_spec("onnxruntime_genai") is not None
+
+
+def engine_name(environ: Mapping[str, str] = os.environ) -> str:
+    """The chat engine: `$LLMLAB_ENGINE` ("torch" or "onnx") when set, else "onnx" where onnxruntime-genai is
+    installed and "torch" where it is not.
+
+    >>> engine_name({"LLMLAB_ENGINE": "torch"}), engine_name({"LLMLAB_ENGINE": " ONNX "})
     ('torch', 'onnx')
+    >>> engine_name({}) == ("onnx" if onnx_available() else "torch")
+    True
     """
-    name = (environ.get("LLMLAB_ENGINE") or "torch").strip().lower()
+    name = (environ.get("LLMLAB_ENGINE") or "").strip().lower()
+    if not name:
+        return "onnx" if onnx_available() else "torch"
     if name not in ENGINES:
         raise ValueError(f"LLMLAB_ENGINE must be one of {', '.join(ENGINES)}, not {name!r}")
     return name
@@ -149,7 +164,10 @@ def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-int8-lora"
     if not (target / "genai_config.json").is_file():
         weights = build_weight_cache(home)
+        _log.warning("building the int8 ONNX chat model in %s (once, ~30 s; `make setup` does it ahead)", target)
+        started = time.monotonic()
         build_folder_atomically(target, lambda tmp: _build(weights, tmp))
+        _log.warning("built the int8 ONNX chat model in %.0f s", time.monotonic() - started)
     return target
 
 
