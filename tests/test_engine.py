@@ -102,7 +102,7 @@ def test_the_int8_model_is_built_once_under_the_home(onnx_server):
     from llmlab.local.engine_onnx import build_onnx_model
 
     _, runtime = onnx_server
-    folder = runtime.home / "weights" / f"{runtime.model_id}-onnx-int8-lora"
+    folder = runtime.home / "weights" / f"{runtime.model_id}-onnx-uint8-lora"
     config = folder / "genai_config.json"
     assert json.loads(config.read_text())["model"]["type"] == "llama"
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
