@@ -1,4 +1,4 @@
-"""The opt-in ONNX Runtime GenAI engine (`LLMLAB_ENGINE=onnx`): the int8 model computes the same model as
+"""The ONNX Runtime GenAI engine (the default where `onnxruntime-genai` imports): the int8 model computes the same model as
 torch fp32 (teacher-forced), and through the real server it keeps the runtime's behaviour: stop strings,
 `max_tokens`, usage counts, streaming equal to non-streaming, seeds, log-probs, the context-length 400, JSON
 modes and tool calls by constrained decoding, the log-probability that decides `tool_choice="auto"`, the
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -67,8 +68,11 @@ def torch_forward_forbidden(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def torch_runtime() -> ChatRuntime:
-    runtime = ChatRuntime(linked_home())
-    assert runtime.engine == "torch"  # the default
+    """The fp32 torch engine, pinned (`LLMLAB_ENGINE=torch`): the reference the int8 engine is compared with."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LLMLAB_ENGINE", "torch")
+        runtime = ChatRuntime(linked_home())
+    assert runtime.engine == "torch"
     return runtime
 
 
@@ -81,6 +85,16 @@ def test_an_unknown_engine_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("LLMLAB_ENGINE", "tpu")
     with pytest.raises(ValueError, match="LLMLAB_ENGINE must be one of torch, onnx, not 'tpu'"):
         ChatRuntime(linked_home())
+
+
+def test_onnx_is_the_default_where_it_imports_and_torch_the_fallback(monkeypatch):
+    monkeypatch.delenv("LLMLAB_ENGINE", raising=False)
+    assert ChatRuntime(linked_home()).engine == "onnx"  # installed here
+    monkeypatch.setenv("LLMLAB_ENGINE", "torch")
+    assert ChatRuntime(linked_home()).engine == "torch"  # forced
+    monkeypatch.delenv("LLMLAB_ENGINE")
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as where it has no wheel
+    assert ChatRuntime(linked_home()).engine == "torch"
 
 
 def test_a_folder_appears_complete_or_not_at_all(tmp_path):

@@ -63,10 +63,12 @@ class AdapterError(ValueError):
 
 
 def onnx_available() -> bool:
-    """Whether `onnxruntime_genai` can be imported here (it has wheels for Linux, Windows and Apple silicon)."""
-    import importlib.util
-
-    return importlib.util.find_spec("onnxruntime_genai") is not None
+    """Whether `onnxruntime_genai` imports here (it has wheels for Linux, Windows and Apple silicon)."""
+    try:
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def engine_name(environ: Mapping[str, str] = os.environ) -> str:
@@ -168,7 +170,9 @@ def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-uint8-lora"
     if not (target / "genai_config.json").is_file():
         weights = build_weight_cache(home)
-        _log.warning("building the int8 ONNX chat model in %s (once, ~30 s; `make setup` does it ahead)", target)
+        _log.warning(
+            "building the int8 ONNX chat model in %s (once, ~30 s; `make setup` does it ahead)", target
+        )
         started = time.monotonic()
         build_folder_atomically(target, lambda tmp: _build(weights, tmp))
         _log.warning("built the int8 ONNX chat model in %.0f s", time.monotonic() - started)
