@@ -1,4 +1,5 @@
-"""The chat model on ONNX Runtime GenAI, int8: the opt-in fast engine (`LLMLAB_ENGINE=onnx`).
+"""The chat model on ONNX Runtime GenAI, int8: the fast engine, the default where `onnxruntime-genai` imports
+(`LLMLAB_ENGINE=torch` forces the torch one; `llmlab doctor --build-cache`, run by `make setup`, builds it).
 
 >>> engine = OnnxEngine(build_onnx_model(home))  # doctest: +SKIP
 >>> logits, advance = engine.start([1, 9690, 198], max_length=64)  # doctest: +SKIP
@@ -273,7 +274,7 @@ class OnnxEngine:
         except ImportError as exc:
             raise RuntimeError(
                 "LLMLAB_ENGINE=onnx needs onnxruntime-genai (pip install 'llmlab[local]'; it has no wheel for "
-                "Intel Macs): install it or leave LLMLAB_ENGINE unset"
+                "Intel Macs): install it, or unset LLMLAB_ENGINE to fall back to torch"
             ) from exc
 
         config = og.Config(str(folder))

@@ -10,9 +10,10 @@ Decoding is our own loop over a KV cache, so sampling, stop strings, streaming a
 (llguidance: a token mask per step) live in one place. The KV states of recent prompts are kept
 (`PromptCache`): a request that starts like an earlier one, with the same system prompt and tools, reads
 only the tokens after the shared part. One lock serialises generations; adapters are LoRA weights over
-the one shared base model, switched under that lock. With `LLMLAB_ENGINE=onnx` every generation and
-log-probability (base or adapter, plain or constrained) runs on an int8 ONNX Runtime GenAI model
-(`engine_onnx`, with its own prompt cache), through the same decoding loop; torch then serves training only.
+the one shared base model, switched under that lock. Where onnxruntime-genai imports (the default engine;
+`LLMLAB_ENGINE=torch` forces torch) every generation and log-probability (base or adapter, plain or
+constrained) runs on an int8 ONNX Runtime GenAI model (`engine_onnx`, with its own prompt cache), through the
+same decoding loop; torch then serves training only.
 """
 
 from __future__ import annotations
@@ -357,7 +358,7 @@ class ChatRuntime:
         self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self.prompt_cache = PromptCache()
         self.threads = torch_threads()
-        self.engine = engine_name()  # "onnx": plain generation of the base model on ONNX Runtime GenAI
+        self.engine = engine_name()  # "onnx": every generation on ONNX Runtime GenAI; "torch": on torch
         self._onnx: Any = None
 
     # -- loading --------------------------------------------------------------------------------------------
@@ -595,7 +596,7 @@ class ChatRuntime:
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
         """Read the prompt `ids`: (the next-token logits of its last `keep` positions, (keep, vocab);
         `advance(token)` giving the logits after one more, (vocab,)), on the ONNX engine when it is on
-        (`LLMLAB_ENGINE=onnx`), else on torch. Both reuse a cached prefix. Call with the lock held and
+        (the default where it imports), else on torch. Both reuse a cached prefix. Call with the lock held and
         `adapter` in use."""
         if self._onnx is not None:
             return self._onnx.start(ids, max_length=len(ids) + max_tokens + 1, adapter=adapter, keep=keep)
