@@ -350,6 +350,7 @@ class ChatRuntime:
         self._load_lock = threading.Lock()
         self._model: Any = None
         self._tokenizer: Any = None
+        self._context_length = 0
         self._base_tensors: dict[str, torch.Tensor] = {}
         self._peft: Any = None
         self._adapters: dict[str, Path] = {}
@@ -363,26 +364,44 @@ class ChatRuntime:
 
     # -- loading --------------------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
-        if self._model is not None:
+        """Load the tokenizer and the engine that serves: the ONNX model, or the torch model (on the ONNX
+        engine the torch model is loaded only when training or `model` needs it: a faster first answer)."""
+        if self._tokenizer is not None:
             return
         with self._load_lock:
-            if self._model is not None:
+            if self._tokenizer is not None:
                 return
-            model, tokenizer = load_chat_model(self.home)
-            self._base_tensors = {
-                **dict(model.named_parameters(remove_duplicate=False)),
-                **dict(model.named_buffers(remove_duplicate=False)),
-            }
+            cache = build_weight_cache(self.home)
+            if self.engine == "onnx":
+                from transformers import AutoTokenizer
+
+                self._onnx = OnnxEngine(build_onnx_model(self.home), threads=self.threads)
+                tokenizer = AutoTokenizer.from_pretrained(cache)
+            else:
+                tokenizer = self._load_torch()
+            config = json.loads((cache / "config.json").read_text(encoding="utf-8"))
+            self._context_length = int(config["max_position_embeddings"])
             self._eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([END])}
             self._tokenizer = tokenizer
-            if self.engine == "onnx":
-                self._onnx = OnnxEngine(build_onnx_model(self.home), threads=self.threads)
-            self._model = model
+
+    def _load_torch(self) -> Any:
+        """Load the torch model (call with the load lock held); its tokenizer."""
+        model, tokenizer = load_chat_model(self.home)
+        self._base_tensors = {
+            **dict(model.named_parameters(remove_duplicate=False)),
+            **dict(model.named_buffers(remove_duplicate=False)),
+        }
+        self._model = model
+        return tokenizer
 
     @property
     def model(self) -> Any:
         """The base `LlamaForCausalLM` (LoRA layers are injected into it once an adapter is loaded)."""
         self._ensure_loaded()
+        if self._model is None:
+            with self._load_lock:
+                if self._model is None:
+                    self._load_torch()
         return self._model
 
     @property
@@ -392,7 +411,8 @@ class ChatRuntime:
 
     @property
     def context_length(self) -> int:
-        return int(self.model.config.max_position_embeddings)
+        self._ensure_loaded()
+        return self._context_length
 
     def base_view(self) -> Any:
         """A new `LlamaForCausalLM` whose weights are the serving model's own tensors (no copy, frozen).
@@ -401,9 +421,8 @@ class ChatRuntime:
         """
         from transformers import AutoModelForCausalLM
 
-        self._ensure_loaded()
         with torch.device("meta"):
-            view = AutoModelForCausalLM.from_config(self._model.config, dtype=torch.float32)
+            view = AutoModelForCausalLM.from_config(self.model.config, dtype=torch.float32)
         for name, tensor in self._base_tensors.items():
             owner, _, attr = name.rpartition(".")
             module = view.get_submodule(owner)
