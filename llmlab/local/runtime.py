@@ -421,8 +421,9 @@ class ChatRuntime:
         """
         from transformers import AutoModelForCausalLM
 
+        config = self.model.config  # loads the torch model first if only the ONNX engine was loaded
         with torch.device("meta"):
-            view = AutoModelForCausalLM.from_config(self.model.config, dtype=torch.float32)
+            view = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         for name, tensor in self._base_tensors.items():
             owner, _, attr = name.rpartition(".")
             module = view.get_submodule(owner)
