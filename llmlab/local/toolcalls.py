@@ -1,14 +1,17 @@
 """Tool calls on the local backend: the model decides, constrained decoding writes the arguments.
 
-The server hands a chat-completions request with `tools` to `complete_with_tools`:
+The chat service hands a chat-completions request with `tools` to `complete_with_tools`, with the prompt
+it rendered once:
 
->>> done = complete_with_tools(runtime, messages=[{"role": "user", "content": "Weather in Paris?"}],
+>>> messages = [{"role": "user", "content": "Weather in Paris?"}]
+>>> done = complete_with_tools(runtime, prompt=render(messages, tools=[weather_tool]),
 ...                            tools=[weather_tool], tool_choice="required")  # doctest: +SKIP
 >>> done.finish_reason, done.tool_calls[0].name, done.tool_calls[0].arguments  # doctest: +SKIP
 ('tool_calls', 'get_weather', '{"city": "Paris"}')
 
 How it works:
-- the prompt is `chat_format.render(messages, tools)`: the same text the model is fine-tuned on;
+- the prompt is `chat_format.render(messages, tools)` (rendered by the caller): the same text the model is
+  fine-tuned on;
 - "none" → a text answer, under a grammar that only rules out starting with "<" (after a tool result a small
   model likes to write another `<tool_call>`, and the answer would be empty); it is also stopped at a
   tool-call opener later on;
@@ -293,19 +296,19 @@ def _check_schemas(runtime: Any, tools: list[dict], grammar: str) -> None:
 def plan(
     runtime: Any,
     *,
-    messages: list[dict],
+    prompt: str,
     tools: list[dict],
     tool_choice: str | dict | None = "auto",
     adapter: str | None = None,
     parallel_tool_calls: bool = True,
 ) -> ToolPlan:
-    """Render the prompt and decide between calling a tool and answering (see the module docstring).
+    """Decide between calling a tool and answering after `prompt` (`chat_format.render(messages, tools)`,
+    generation prompt included; see the module docstring).
 
     Raises `ToolChoiceError` for a bad `tool_choice` and `ToolSchemaError` for a schema the grammar
     cannot take, whatever the decision.
     """
     mode, functions = _chosen(tools, tool_choice)
-    prompt = chat_format.render(messages, tools=tools, add_generation_prompt=True)
     grammar = call_grammar(functions, parallel_tool_calls)
     _check_schemas(runtime, tools, grammar)
     if mode == "none":
@@ -422,7 +425,7 @@ def _finish_name(runtime: Any, prompt: str, cut: CutCall, functions: list[dict],
 def complete_with_tools(
     runtime: Any,
     *,
-    messages: list[dict],
+    prompt: str,
     tools: list[dict],
     tool_choice: str | dict | None = "auto",
     adapter: str | None = None,
@@ -438,6 +441,8 @@ def complete_with_tools(
 ) -> ToolCompletion:
     """Answer a chat-completions request that has `tools`: text, or tool calls with valid arguments.
 
+    `prompt` is the request's `chat_format.render(messages, tools)`, generation prompt included.
+
     `max_tokens` bounds the whole turn, tool-call opener included (None: the room left in the context).
     A call cut off by it comes back as far as it was written, with finish_reason "length" (as OpenAI
     does). `logprobs` (the number of top alternatives) adds per-token log-probabilities to a text answer.
@@ -446,7 +451,7 @@ def complete_with_tools(
     """
     chosen = plan(
         runtime,
-        messages=messages,
+        prompt=prompt,
         tools=tools,
         tool_choice=tool_choice,
         adapter=adapter,
