@@ -116,11 +116,13 @@ def test_the_int8_model_is_built_once_under_the_home(onnx_server):
     from llmlab.local.engine_onnx import build_onnx_model
 
     _, runtime = onnx_server
-    folder = runtime.home / "weights" / f"{runtime.model_id}-onnx-uint8-lora"
+    folder = runtime.home / "weights" / f"{runtime.model_id}-onnx-uint8-lora-r0"
     config = folder / "genai_config.json"
     assert json.loads(config.read_text())["model"]["type"] == "llama"
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     assert sum(i.name.startswith("lora.") for i in graph.input) == 30 * 5 * 2  # A and B per projection
+    defaults = [list(i.dims) for i in graph.initializer if i.name.startswith("lora.")]
+    assert len(defaults) == 300 and all(0 in dims for dims in defaults)  # rank 0: base requests pay nothing
     built = config.stat().st_mtime_ns
     assert build_onnx_model(runtime.home) == folder and config.stat().st_mtime_ns == built
     assert not list(folder.parent.glob(f".{folder.name}.*"))  # no temp folder left

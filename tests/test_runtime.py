@@ -38,7 +38,7 @@ def rt() -> ChatRuntime:
 def test_weight_cache_is_built_once_and_reloaded(rt):
     cache = rt.home / "weights" / rt.model_id
     assert (cache / "model.safetensors").is_file() and (cache / "tokenizer.json").is_file()
-    built = [rt.model_id] + ([f"{rt.model_id}-onnx-uint8-lora"] if rt.engine == "onnx" else [])
+    built = [rt.model_id] + ([f"{rt.model_id}-onnx-uint8-lora-r0"] if rt.engine == "onnx" else [])
     assert sorted(p.name for p in cache.parent.iterdir()) == built  # no half-written temp folder left
     stamp = (cache / "model.safetensors").stat().st_mtime_ns
     again = ChatRuntime(rt.home)

@@ -7,12 +7,12 @@
 torch.Size([1, 49152])
 
 The model is built once from the float weight cache by ONNX Runtime GenAI's own model builder (~25 s) into
-`home/weights/SmolLM2-135M-Instruct-onnx-uint8-lora/`, beside the float weights it derives from (a home whose
+`home/weights/SmolLM2-135M-Instruct-onnx-uint8-lora-r0/`, beside the float weights it derives from (a home whose
 `weights/` links to a shared cache shares it too). int8, not int4: the builder's int4 makes the 135M model
 loop on greedy decoding (issue 16). Every decoder projection then gets a LoRA branch whose two matrices are
-model inputs (`add_lora_inputs`), zero by default: a fine-tuned model is a peft adapter exported to ONNX
+model inputs (`add_lora_inputs`), of rank 0 by default: a fine-tuned model is a peft adapter exported to ONNX
 Runtime's adapter format in ~0.1 s (`export_adapter`) and switched per request on the one loaded model; the
-zero branch costs the base model no measurable decode speed. (A merged int8 model per fine-tuned model would
+rank-0 branch costs the base model no measurable decode speed. (A merged int8 model per fine-tuned model would
 take the builder's ~25 s and ~270 MB of memory each.)
 
 The engine only turns token ids into next-token logits; sampling, constrained decoding, stop strings,
@@ -110,8 +110,9 @@ def _run_builder(weights: Path, out: Path) -> None:
 
 def add_lora_inputs(folder: Path) -> int:
     """Give every decoder projection of the built model in `folder` a LoRA branch `y += (x @ A) @ B`, with
-    `A` (in, rank) and `B` (rank, out) model inputs named `lora.<layer>.<projection>.A/.B`, zero by default
-    (rank 1), any rank when fed. Rewrites `model.onnx` (the weights file is untouched); returns the number of
+    `A` (in, rank) and `B` (rank, out) model inputs named `lora.<layer>.<projection>.A/.B`, of rank 0 by
+    default (a base-model request decodes as fast as without the branches; rank-1 zeros cost ~5%), any rank
+    when fed. Rewrites `model.onnx` (the weights file is untouched); returns the number of
     branches.
 
     >>> add_lora_inputs(folder_built_by_the_builder)  # doctest: +SKIP
@@ -131,8 +132,8 @@ def add_lora_inputs(folder: Path) -> int:
         size = {a.name: a.i for a in node.attribute if a.name in ("K", "N")}
         name = f"lora.{parts[2].split('.')[1]}.{parts[4]}"
         for suffix, shape, default in (
-            (".A", [size["K"], "lora_rank"], (size["K"], 1)),
-            (".B", ["lora_rank", size["N"]], (1, size["N"])),
+            (".A", [size["K"], "lora_rank"], (size["K"], 0)),
+            (".B", ["lora_rank", size["N"]], (0, size["N"])),
         ):
             graph.input.append(helper.make_tensor_value_info(name + suffix, TensorProto.FLOAT, shape))
             graph.initializer.append(numpy_helper.from_array(np.zeros(default, np.float32), name + suffix))
@@ -161,14 +162,14 @@ def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     first if missing. The float weight cache is built first if needed; the folder appears complete or not at all.
 
     >>> build_onnx_model().name  # doctest: +SKIP
-    'SmolLM2-135M-Instruct-onnx-uint8-lora'
+    'SmolLM2-135M-Instruct-onnx-uint8-lora-r0'
     """
     from llmlab.local.runtime import build_folder_atomically, build_weight_cache
     from llmlab.models import CHAT_MODEL_ID
     from llmlab.paths import llmlab_home
 
     home = Path(home) if home is not None else llmlab_home()
-    target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-uint8-lora"
+    target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-uint8-lora-r0"
     if not (target / "genai_config.json").is_file():
         weights = build_weight_cache(home)
         _log.warning(
