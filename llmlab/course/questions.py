@@ -3,7 +3,8 @@
 Four kinds of questions, each with the key facts a right answer contains (`load_questions`): *trained*
 (asked word for word as in qa_train.jsonl), *paraphrase* (held out), *handbook_only* (in the handbook, not in
 the training set) and *live* (only a tool knows). The tool-calling cases (`load_tool_eval`) name the tool
-and arguments a question needs. `training_set` is the small fine-tuning set behind the trained questions.
+and arguments a question needs. `training_set` is the small fine-tuning set behind the trained questions;
+`hybrid_training_set` adds tool-call examples to it (the model that decides by itself when to call a tool).
 
 >>> contains_facts("You get 27 days of leave.", ["27"]), contains_facts("In 2027.", ["27"])
 (True, False)
