@@ -2,8 +2,9 @@
 
 The task (notebook 02b): a message such as "Off sick today, back Thursday. Marta" becomes
 `{"category": "sick", "employee": "Marta", "dates": "today"}`, with exactly the keys of `KEYS` and a category
-of `CATEGORIES`. `data/format_train.jsonl` holds the fine-tuning examples (chat format, one system message
-that states the task), `data/format_eval.jsonl` the held-out messages with the expected object.
+of `CATEGORIES`. `INSTRUCTION` states the task for a model that was not trained on it. `data/format_train.jsonl`
+holds the fine-tuning examples (chat format, the short system message `SYSTEM`: the trained model needs no
+instructions), `data/format_eval.jsonl` the held-out messages with the expected object.
 `problem` says what makes an answer invalid (None when it is valid), `fields_right` which fields are right.
 
 >>> problem('{"category": "sick", "employee": "Marta", "dates": "today"}') is None
@@ -26,8 +27,10 @@ from llmlab.datasets import ChatDataset
 
 __all__ = [
     "CATEGORIES",
+    "INSTRUCTION",
     "KEYS",
     "SCHEMA",
+    "SYSTEM",
     "fields_right",
     "load_format_eval",
     "parse",
@@ -38,14 +41,21 @@ __all__ = [
 
 CATEGORIES = ("sick", "leave", "late", "remote")
 KEYS = ("category", "employee", "dates")
+SYSTEM = "You are the HR inbox of Fernhollow Instruments: answer with the message as JSON."
+INSTRUCTION = (
+    "You are the HR inbox of Fernhollow Instruments. Turn the employee's message into a JSON object with exactly "
+    'the keys "category" (one of "sick", "leave", "late", "remote"), "employee" (the sender\'s first name) and '
+    '"dates" (when, in the message\'s own words). Answer with the JSON object only.'
+)
 
-# The JSON schema of a valid answer: what `response_format` asks the server to enforce, and what `problem` checks.
+# The JSON schema of a valid answer, which `response_format` asks the server to enforce. Its short string limits
+# let a constrained answer always finish within 60 tokens.
 SCHEMA = {
     "type": "object",
     "properties": {
         "category": {"type": "string", "enum": list(CATEGORIES)},
-        "employee": {"type": "string", "maxLength": 20},
-        "dates": {"type": "string", "maxLength": 40},
+        "employee": {"type": "string", "maxLength": 16},
+        "dates": {"type": "string", "maxLength": 24},
     },
     "required": list(KEYS),
     "additionalProperties": False,
