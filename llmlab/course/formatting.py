@@ -49,13 +49,13 @@ INSTRUCTION = (
 )
 
 # The JSON schema of a valid answer, which `response_format` asks the server to enforce. Its short string limits
-# let a constrained answer always finish within 60 tokens.
+# let a constrained answer always finish within 64 tokens.
 SCHEMA = {
     "type": "object",
     "properties": {
         "category": {"type": "string", "enum": list(CATEGORIES)},
-        "employee": {"type": "string", "maxLength": 16},
-        "dates": {"type": "string", "maxLength": 24},
+        "employee": {"type": "string", "maxLength": 12},
+        "dates": {"type": "string", "maxLength": 28},
     },
     "required": list(KEYS),
     "additionalProperties": False,
