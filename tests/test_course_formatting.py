@@ -51,13 +51,13 @@ def test_fields_right_compares_each_field_and_gives_nothing_to_an_invalid_answer
     assert not any(formatting.fields_right(VALID[:-1], expected).values())
 
 
-def test_training_examples_are_valid_answers_under_the_short_system_message():
+def test_training_examples_are_valid_answers_under_the_instruction():
     examples = formatting.training_examples()
     assert examples.validate()
     categories = []
     for example in examples:
         system, user, assistant = example["messages"]
-        assert system == {"role": "system", "content": formatting.SYSTEM}
+        assert system == {"role": "system", "content": formatting.INSTRUCTION}
         assert formatting.problem(assistant["content"]) is None, assistant["content"]
         answer = json.loads(assistant["content"])
         assert answer["dates"].casefold() in user["content"].casefold(), user["content"]

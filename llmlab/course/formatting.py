@@ -2,10 +2,10 @@
 
 The task (notebook 02b): a message such as "Off sick today, back Thursday. Marta" becomes
 `{"category": "sick", "employee": "Marta", "dates": "today"}`, with exactly the keys of `KEYS` and a category
-of `CATEGORIES`. `INSTRUCTION` states the task for a model that was not trained on it. `data/format_train.jsonl`
-holds the fine-tuning examples (chat format, the short system message `SYSTEM`: the trained model needs no
-instructions), `data/format_eval.jsonl` the held-out messages with the expected object.
-`problem` says what makes an answer invalid (None when it is valid), `fields_right` which fields are right.
+of `CATEGORIES`. `INSTRUCTION` states the task. `data/format_train.jsonl` holds the fine-tuning examples (chat
+format, `INSTRUCTION` as the system message of each, as the prompt will send it), `data/format_eval.jsonl` the
+held-out messages with the expected object. `problem` says what makes an answer invalid (None when it is
+valid), `fields_right` which fields are right.
 
 >>> problem('{"category": "sick", "employee": "Marta", "dates": "today"}') is None
 True
@@ -30,7 +30,6 @@ __all__ = [
     "INSTRUCTION",
     "KEYS",
     "SCHEMA",
-    "SYSTEM",
     "fields_right",
     "load_format_eval",
     "parse",
@@ -41,7 +40,6 @@ __all__ = [
 
 CATEGORIES = ("sick", "leave", "late", "remote")
 KEYS = ("category", "employee", "dates")
-SYSTEM = "You are the HR inbox of Fernhollow Instruments: answer with the message as JSON."
 INSTRUCTION = (
     "You are the HR inbox of Fernhollow Instruments. Turn the employee's message into a JSON object with exactly "
     'the keys "category" (one of "sick", "leave", "late", "remote"), "employee" (the sender\'s first name) and '
