@@ -41,9 +41,9 @@ __all__ = [
 CATEGORIES = ("sick", "leave", "late", "remote")
 KEYS = ("category", "employee", "dates")
 INSTRUCTION = (
-    "You are the HR inbox of Fernhollow Instruments. Turn the employee's message into a JSON object with exactly "
-    'the keys "category" (one of "sick", "leave", "late", "remote"), "employee" (the sender\'s first name) and '
-    '"dates" (when, in the message\'s own words). Answer with the JSON object only.'
+    "You are the HR inbox of Fernhollow Instruments. Answer with only a JSON object with the keys "
+    '"category" ("sick", "leave", "late" or "remote"), "employee" (the sender\'s first name) and "dates" '
+    "(when, in the message's words)."
 )
 
 # The JSON schema of a valid answer, which `response_format` asks the server to enforce. Its short string limits
