@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -27,19 +26,13 @@ import time
 from pathlib import Path
 
 from _homes import fresh_home
+from _memory import peak_mb
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 TRAIN = (REPO / "data" / "qa_train.jsonl").read_text().splitlines()[:16]
 TARGET_MB, FIRST_CONNECT_S, CONNECT_S = 1536, 2.0, 0.5
 BINDER_BYTES = 2 * 2**30
-
-
-def _peak_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
 
 
 def kernel(mode: str, train: bool) -> None:
@@ -73,7 +66,7 @@ def kernel(mode: str, train: bool) -> None:
         assert job.status == "succeeded", job.error
     else:
         sys.stdin.readline()  # stays open (its memory counted) until the other kernel's job is done
-    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+    print(json.dumps({"peak_mb": peak_mb()}), flush=True)
 
 
 def two_kernels(mode: str) -> dict:
@@ -91,7 +84,7 @@ def two_kernels(mode: str) -> dict:
     }
     record = read_record(home)
     if record is not None:
-        peaks["server_mb"] = _peak_mb(record.pid)
+        peaks["server_mb"] = peak_mb(record.pid)
     peaks["other_kernel_mb"] = json.loads(idle.communicate("\n", timeout=60)[0].splitlines()[-1])["peak_mb"]
     stop_server(home)
     return {**peaks, "total_mb": sum(peaks.values())}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from _memory import peak_mb
 
 from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render
@@ -158,14 +158,15 @@ def llama_cpp_speed(rt: ChatRuntime) -> dict | None:
 def serving_rss() -> dict:
     """Peak RSS of a fresh process that loads both models, chats and embeds (measured in a child).
 
-    VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec.
+    (`_memory.peak_mb`: VmHWM, not ru_maxrss, which keeps the parent's high-water mark across fork + exec.)
     """
     code = (
-        "import json; from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime; "
+        f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from _memory import peak_mb; "
+        "from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime; "
         "from llmlab.local.chat_format import render; rt = ChatRuntime(); "
         "rt.generate(render([{'role': 'user', 'content': 'Hi'}]), max_tokens=32); "
         "EmbeddingRuntime().embed(['some text'] * 64); "
-        "print(json.dumps(int(next(ln.split()[1] for ln in open('/proc/self/status') if ln.startswith('VmHWM'))) / 1024))"
+        "print(json.dumps(peak_mb()))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT
@@ -182,7 +183,7 @@ def main() -> None:
     results["llama_cpp"] = llama_cpp_speed(rt)
     results["embedding"] = embedding_speed()
     results["memory"] = serving_rss()
-    results["bench_process_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["bench_process_peak_rss_mb"] = peak_mb()
     r = results
     rows = [
         ("cold start: cache vs GGUF (s)", r["cold_start"]["from_cache_s"], r["cold_start"]["from_gguf_s"]),

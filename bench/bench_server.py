@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 from _homes import fresh_home
+from _memory import peak_mb
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,10 +32,6 @@ TEXTS = [  # every message of the Q&A training file: ~180 short texts, like a no
     for line in (REPO / "data" / "qa_train.jsonl").read_text().splitlines()
     for m in json.loads(line)["messages"]
 ]
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _start(home: Path):
@@ -106,7 +102,7 @@ def memory_child() -> None:
     backend, client, stop = _start(fresh_home())
     client.chat.completions.create(model="gpt-4o-mini", messages=PROMPT, max_tokens=16)
     client.embeddings.create(model="text-embedding-3-small", input=TEXTS[:64])
-    serving = _rss_mb()
+    serving = peak_mb()
     lines = (REPO / "data" / "qa_train.jsonl").read_text().splitlines()[:16]  # 4 steps of batch 4: peak RSS
     upload = client.files.create(file=("qa_train.jsonl", "\n".join(lines).encode()), purpose="fine-tune")
     hyper = {"n_epochs": 1, "batch_size": 4}
@@ -127,7 +123,7 @@ def memory_child() -> None:
         json.dumps(
             {
                 "serving_peak_rss_mb": serving,
-                "serving_and_training_peak_rss_mb": _rss_mb(),
+                "serving_and_training_peak_rss_mb": peak_mb(),
                 "job_status": job.status,
                 "trained_tokens": job.trained_tokens,
             }

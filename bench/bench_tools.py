@@ -31,15 +31,15 @@ RESULTS = REPO_ROOT / "bench" / "results" / "tools.json"
 # ------------------------------------------------------------------------------------------ 1. speed
 def bench_speed(tools: list[dict], question: str, repeats: int = 3) -> dict:
     """Seconds per generated token, constrained vs unconstrained, same prompt, greedy, warm caches."""
-    from llmlab.local import toolcalls
+    from llmlab.local import tool_grammar
     from llmlab.local.runtime import ChatRuntime
 
     runtime = ChatRuntime(llmlab_home())
     functions = [t["function"] for t in tools]
-    grammar = toolcalls.call_grammar(functions, parallel=True)
+    grammar = tool_grammar.call_grammar(functions, parallel=True)
     from llmlab.local.chat_format import render
 
-    prompt = render([{"role": "user", "content": question}], tools=tools) + toolcalls.call_syntax().opener
+    prompt = render([{"role": "user", "content": question}], tools=tools) + tool_grammar.call_syntax().opener
     start = time.perf_counter()
     runtime.generate(prompt, max_tokens=2, temperature=0, lark_grammar=grammar)  # first compile + load
     first_seconds = time.perf_counter() - start

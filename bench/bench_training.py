@@ -18,9 +18,9 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import torch
+from _memory import peak_mb
 
 from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render
@@ -125,17 +125,7 @@ def child(kind: str) -> None:
         torch.set_num_threads(torch_threads())
         plain_loop(rt, data)
     server.join()
-    # VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
-    print(
-        int(
-            next(
-                ln.split()[1]
-                for ln in Path("/proc/self/status").read_text().splitlines()
-                if ln.startswith("VmHWM")
-            )
-        )
-        / 1024
-    )
+    print(peak_mb())
 
 
 def peak_rss(kind: str, checkpointing: str = "0") -> float:

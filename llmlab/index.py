@@ -19,6 +19,9 @@ lock (`llmlab.rwlock`); the vectors and the search belong to its backend, one ob
 `SearchBackend` interface: `ExactBackend` (`llmlab.index_exact`, on the kernel of `llmlab.topk`) or
 `HnswBackend` (`llmlab.index_hnsw`). `llmlab.where` compiles the filters; `llmlab.index_files` writes and
 reads the save folder.
+
+Its length (~460 lines) is one class that notebook 04 teaches, read top to bottom; what is not that class
+(backends, kernel, filters, files, lock) already lives in the modules named above.
 """
 
 from __future__ import annotations

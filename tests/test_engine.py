@@ -276,7 +276,8 @@ def test_auto_decides_on_the_engine_as_fp32_does(onnx_server, torch_runtime, que
     client, runtime = onnx_server
     messages, tools = [{"role": "user", "content": question}], [tool(weather).schema]
     mine, fp32 = (
-        plan(r, messages=messages, tools=tools, tool_choice="auto") for r in (runtime, torch_runtime)
+        plan(r, prompt=render(messages, tools=tools), tools=tools, tool_choice="auto")
+        for r in (runtime, torch_runtime)
     )
     assert 0 < abs(mine.call_logprob - fp32.call_logprob) < 0.5, (mine.call_logprob, fp32.call_logprob)
     if abs(fp32.call_logprob - math.log(0.5)) > 0.5:  # a clear decision stays the same

@@ -233,6 +233,41 @@ def test_oversized_prompt_is_400_context_length_exceeded(client):
     still_serving(client)
 
 
+def test_a_chat_request_renders_its_prompt_once(monkeypatch):
+    """Plain, streamed and with tools, a chat request's prompt is rendered in one place, once (the chat
+    service), through a real server in this process: every rendering goes through `render_pieces`."""
+    from llmlab.local import chat_format
+    from llmlab.local.server import create_app, serve_app_in_thread
+    from llmlab.local.toolcalls import call_syntax
+
+    call_syntax()  # read off the format once per process (a probe conversation), never per request
+    probe, rendered = "Say one word, render-once-probe.", []
+    real = chat_format.render_pieces
+
+    def counted(messages: list[dict], tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+        rendered.extend(1 for m in messages if m.get("content") == probe)
+        return real(messages, tools)
+
+    monkeypatch.setattr(chat_format, "render_pieces", counted)
+    home = Path(tempfile.mkdtemp(prefix="llmlab-render-once-"))
+    (home / "weights").symlink_to((TEST_HOME / "weights").resolve(), target_is_directory=True)
+    url, stop = serve_app_in_thread(create_app(home))
+    tools = [{"type": "function", "function": {"name": "shout", "parameters": {"type": "object"}}}]
+    try:
+        local = openai.OpenAI(base_url=url, api_key="local", max_retries=0)
+        ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": probe}], "temperature": 0}
+        # no max_tokens: the room left in the context is counted on the same rendering
+        plain = local.chat.completions.create(**ask, stop=[" ", "\n"])
+        assert plain.choices[0].message.content is not None and rendered == [1]
+        streamed = local.chat.completions.create(**ask, stop=[" ", "\n"], stream=True)
+        assert [c.choices[0].finish_reason for c in streamed if c.choices][-1] and rendered == [1, 1]
+        called = local.chat.completions.create(**ask, tools=tools, tool_choice="required")
+        assert called.choices[0].message.tool_calls[0].function.name == "shout" and rendered == [1, 1, 1]
+    finally:
+        stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
 def test_api_key_is_required_when_set():
     from llmlab.local.server import create_app, serve_app_in_thread
 

@@ -1,4 +1,4 @@
-"""The local server's request bodies as pydantic models, and OpenAI's error body for a refused request.
+"""The local server's request bodies as pydantic models (a refused one is an `errors.APIError`).
 
 Every endpoint parses its body with `parse` before doing any work, so a field of the wrong type is a 400
 naming it (`param`), never a 500 and never half-stored state. Models are strict (no "5" for 5, no 1 for
@@ -16,103 +16,16 @@ ignored (the SDK's own message objects carry extra keys such as `annotations`).
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal, TypeVar
 
-from fastapi.responses import JSONResponse
 from openai.types.shared import ReasoningEffort
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from llmlab.local.errors import APIError, request_error
 
 MAX_N = 8  # completions per chat request (OpenAI allows 128; each one is generated on a small CPU)
 MAX_EMBEDDING_INPUTS = 2048  # texts per embeddings request, as OpenAI
 MAX_SCHEMA_DEPTH = 64  # nesting of a JSON schema in a tool or a response format
-_TYPE_ERRORS = ("_type", "_parsing", "literal_error", "is_instance_of")
-_INSTANCE = re.compile(r" or instance of \w+")
-
-
-class APIError(Exception):
-    """An error answered with OpenAI's error body and `status`."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or {401: "authentication_error", 404: "invalid_request_error"}.get(
-            status, "invalid_request_error" if status < 500 else "server_error"
-        )
-
-    def response(self) -> JSONResponse:
-        body = {"message": self.message, "type": self.type, "param": self.param, "code": self.code}
-        return JSONResponse({"error": body}, status_code=self.status)
-
-
-# -- turning pydantic's errors into OpenAI's -------------------------------------------------------------------
-def _param(body: Any, loc: tuple, missing: bool) -> str | None:
-    """The path of `loc` inside `body` as OpenAI writes it (`messages[0].role`); union labels are dropped."""
-    path, node = [], body
-    for i, part in enumerate(loc):
-        inside = (isinstance(node, dict) and isinstance(part, str) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        )
-        if inside:
-            node = node[part]
-        elif not (missing and i == len(loc) - 1):
-            continue
-        path.append(f"[{part}]" if isinstance(part, int) else f".{part}")
-    return "".join(path).removeprefix(".") or None
-
-
-def request_error(errors: list[dict], body: Any) -> APIError:
-    """The 400 for pydantic's `errors` about `body` (locations relative to the body): the first param's.
-
-    A union's members each report an error at the same param: a broken limit ("at most 2") beats "wrong
-    type", and wrong types are listed together ("a valid string or a valid list").
-    """
-    found = [
-        (error, _param(body, tuple(error["loc"]), error["type"] in ("missing", "union_tag_not_found")))
-        for error in errors or [{"type": "", "loc": (), "msg": "invalid request"}]
-    ]
-    same = [(e, p) for e, p in found if p == found[0][1]]
-    typed = [(e, p) for e, p in same if any(t in e["type"] for t in _TYPE_ERRORS)]
-    first, param = next(((e, p) for e, p in same if (e, p) not in typed), same[0])
-    kind, ctx = first["type"], first.get("ctx") or {}
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        param = ".".join(p for p in (param, ctx.get("discriminator", "").strip("'")) if p)
-    where = param or "body"
-    if kind in ("missing", "union_tag_not_found"):
-        return APIError(400, f"Missing required parameter: '{where}'.", param)
-    if kind == "extra_forbidden":
-        return APIError(400, f"Unrecognized request argument supplied: {where}", param)
-    if kind == "union_tag_invalid":
-        tag, expected = ctx.get("tag"), ctx.get("expected_tags")
-        return APIError(400, f"Invalid value for '{where}': {tag!r}; use one of {expected}.", param)
-    if (first, param) in typed:
-        wanted = dict.fromkeys(
-            _INSTANCE.sub("", str(e["msg"])).removeprefix("Input should be ") for e, _ in typed
-        )
-        return APIError(400, f"Invalid type for '{where}': expected {' or '.join(wanted)}.", param)
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return APIError(400, f"Invalid value for '{where}'{_tool_named(body, param)}: {message}.", param)
-
-
-def _tool_named(body: Any, param: str | None) -> str:
-    """ " (tool 'name')" when `param` points inside one of the request's tools or functions, else ""."""
-    found = re.match(r"(tools|functions)\[(\d+)\]\.", param or "")
-    if not found:
-        return ""
-    try:
-        entry = body[found[1]][int(found[2])]
-        name = entry["function"]["name"] if found[1] == "tools" else entry["name"]
-    except (KeyError, IndexError, TypeError):
-        return ""
-    return f" (tool {name!r})" if isinstance(name, str) else ""
-
 
 Request = TypeVar("Request", bound=BaseModel)
 

@@ -1,14 +1,17 @@
 """Tool calls on the local backend: the model decides, constrained decoding writes the arguments.
 
-The server hands a chat-completions request with `tools` to `complete_with_tools`:
+The chat service hands a chat-completions request with `tools` to `complete_with_tools`, with the prompt
+it rendered once:
 
->>> done = complete_with_tools(runtime, messages=[{"role": "user", "content": "Weather in Paris?"}],
+>>> messages = [{"role": "user", "content": "Weather in Paris?"}]
+>>> done = complete_with_tools(runtime, prompt=render(messages, tools=[weather_tool]),
 ...                            tools=[weather_tool], tool_choice="required")  # doctest: +SKIP
 >>> done.finish_reason, done.tool_calls[0].name, done.tool_calls[0].arguments  # doctest: +SKIP
 ('tool_calls', 'get_weather', '{"city": "Paris"}')
 
 How it works:
-- the prompt is `chat_format.render(messages, tools)`: the same text the model is fine-tuned on;
+- the prompt is `chat_format.render(messages, tools)` (rendered by the caller): the same text the model is
+  fine-tuned on;
 - "none" → a text answer, under a grammar that only rules out starting with "<" (after a tool result a small
   model likes to write another `<tool_call>`, and the answer would be empty); it is also stopped at a
   tool-call opener later on;
@@ -23,6 +26,7 @@ How it works:
 - a tool's parameters with root-relative references (`$defs`/`$ref`, as pydantic and
   `openai.pydantic_function_tool` write them) are re-rooted under the call's grammar; a schema the grammar
   still cannot take is a `ToolSchemaError` naming the tool;
+- the syntax and the grammars are `llmlab.local.tool_grammar`'s;
 - `max_tokens` bounds the whole turn, opener included; a call it cuts off is returned as far as it was
   written, with finish_reason "length", as OpenAI does.
 """
@@ -36,13 +40,9 @@ import secrets
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
-from llmlab.local import chat_format
-
-MAX_PARALLEL_CALLS = 4
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+from llmlab.local.tool_grammar import ANSWER_GRAMMAR, CallSyntax, call_grammar, call_syntax
 
 
 class ToolChoiceError(ValueError):
@@ -114,37 +114,6 @@ class ToolCompletion:
             yield {"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}
 
 
-@dataclass(frozen=True)
-class CallSyntax:
-    """How `chat_format.render` writes an assistant's tool calls: the text before, between and after calls."""
-
-    opener: str
-    separator: str
-    closer: str
-
-
-@lru_cache(maxsize=1)
-def call_syntax() -> CallSyntax:
-    """Read the tool-call syntax off `chat_format.render` itself, so inference and training never diverge."""
-    calls = [
-        {"id": f"call_{n}", "type": "function", "function": {"name": n, "arguments": "{}"}}
-        for n in ("AAA", "BBB")
-    ]
-    head = chat_format.render([{"role": "user", "content": "x"}], add_generation_prompt=True)
-    full = chat_format.render(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": calls}],
-        add_generation_prompt=False,
-    )
-    if not full.startswith(head):
-        raise RuntimeError("chat_format.render: the generation prompt is not a prefix of the assistant turn")
-    turn = full[len(head) :]
-    first = json.dumps({"name": "AAA", "arguments": {}})
-    second = json.dumps({"name": "BBB", "arguments": {}})
-    a, b = turn.index(first), turn.index(second)
-    end = turn.rindex(chat_format.END)
-    return CallSyntax(turn[:a], turn[a + len(first) : b], turn[b + len(second) : end])
-
-
 def _tool_functions(tools: list[dict]) -> list[dict]:
     out = []
     for t in tools:
@@ -173,90 +142,6 @@ def _chosen(tools: list[dict], tool_choice: str | dict | None) -> tuple[str, lis
     if not allowed:
         raise ToolChoiceError(f"tool_choice names {name!r}, which is not among the tools given")
     return "call", allowed
-
-
-def _closed(node: Any) -> Any:
-    """The schema with `additionalProperties: false` on every object that does not say otherwise.
-
-    A small model given the freedom invents extra keys; OpenAI's strict mode closes objects the same way.
-    """
-    if isinstance(node, list):
-        return [_closed(x) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {
-        k: _closed(v) if k != "properties" else {n: _closed(p) for n, p in v.items()} for k, v in node.items()
-    }
-    if "properties" in out and "additionalProperties" not in out:
-        out["additionalProperties"] = False
-    return out
-
-
-def _local_refs(node: Any) -> bool:
-    """True when the schema holds a `$ref` relative to its own root ("#…")."""
-    if isinstance(node, list):
-        return any(_local_refs(x) for x in node)
-    if not isinstance(node, dict):
-        return False
-    ref = node.get("$ref")
-    return (isinstance(ref, str) and ref.startswith("#")) or any(_local_refs(v) for v in node.values())
-
-
-def _rerooted(node: Any, base: str) -> Any:
-    """The schema with every root-relative `$ref` moved under the JSON pointer `base`.
-
-    >>> _rerooted({"items": {"$ref": "#/$defs/Item"}}, "/$defs/tool0")
-    {'items': {'$ref': '#/$defs/tool0/$defs/Item'}}
-    """
-    if isinstance(node, list):
-        return [_rerooted(x, base) for x in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _rerooted(v, base) for k, v in node.items()}
-    ref = node.get("$ref")
-    if isinstance(ref, str) and ref.startswith("#"):
-        out["$ref"] = f"#{base}{ref[1:]}"
-    return out
-
-
-def call_schema(functions: list[dict]) -> dict:
-    """JSON schema of one call: `{"name": <tool>, "arguments": <that tool's parameters>}` for any tool.
-
-    A tool's parameters sit under the call's "arguments", where their root-relative references
-    (`"$ref": "#/$defs/Category"`, as pydantic writes them) would no longer resolve: such a schema moves
-    whole to the root's `$defs` (as `tool<i>`) and its references are re-rooted there.
-    """
-    variants, defs = [], {}
-    for i, fn in enumerate(functions):
-        parameters = _closed(fn.get("parameters") or {"type": "object", "properties": {}})
-        if _local_refs(parameters):
-            defs[f"tool{i}"] = _rerooted(parameters, f"/$defs/tool{i}")
-            parameters = {"$ref": f"#/$defs/tool{i}"}
-        variants.append(
-            {
-                "type": "object",
-                "properties": {"name": {"const": fn["name"]}, "arguments": parameters},
-                "required": ["name", "arguments"],
-                "additionalProperties": False,
-            }
-        )
-    schema = variants[0] if len(variants) == 1 else {"anyOf": variants}
-    return {"x-guidance": _JSON_STYLE, **({"$defs": defs} if defs else {}), **schema}
-
-
-def call_grammar(functions: list[dict], parallel: bool) -> str:
-    """llguidance Lark grammar of the text after the opener: one call (or up to `MAX_PARALLEL_CALLS` joined
-    by the render's separator), then the closer — exactly what a fine-tuned model learned to write."""
-    syntax = call_syntax()
-    repeat = f" ({json.dumps(syntax.separator)} call){{0,{MAX_PARALLEL_CALLS - 1}}}" if parallel else ""
-    return (
-        f"start: call{repeat} {json.dumps(syntax.closer)}\ncall: %json {json.dumps(call_schema(functions))}\n"
-    )
-
-
-# A text answer: anything that does not start (after blank space) with "<". Ruling out only the tag
-# "<tool_call>" is not enough: after a tool result the base model then writes "<tool_call_2>…" instead.
-ANSWER_GRAMMAR = "start: /\\s*([^<\\s][\\s\\S]*)?/\n"
 
 
 def new_call_id() -> str:
@@ -293,19 +178,19 @@ def _check_schemas(runtime: Any, tools: list[dict], grammar: str) -> None:
 def plan(
     runtime: Any,
     *,
-    messages: list[dict],
+    prompt: str,
     tools: list[dict],
     tool_choice: str | dict | None = "auto",
     adapter: str | None = None,
     parallel_tool_calls: bool = True,
 ) -> ToolPlan:
-    """Render the prompt and decide between calling a tool and answering (see the module docstring).
+    """Decide between calling a tool and answering after `prompt` (`chat_format.render(messages, tools)`,
+    generation prompt included; see the module docstring).
 
     Raises `ToolChoiceError` for a bad `tool_choice` and `ToolSchemaError` for a schema the grammar
     cannot take, whatever the decision.
     """
     mode, functions = _chosen(tools, tool_choice)
-    prompt = chat_format.render(messages, tools=tools, add_generation_prompt=True)
     grammar = call_grammar(functions, parallel_tool_calls)
     _check_schemas(runtime, tools, grammar)
     if mode == "none":
@@ -422,7 +307,7 @@ def _finish_name(runtime: Any, prompt: str, cut: CutCall, functions: list[dict],
 def complete_with_tools(
     runtime: Any,
     *,
-    messages: list[dict],
+    prompt: str,
     tools: list[dict],
     tool_choice: str | dict | None = "auto",
     adapter: str | None = None,
@@ -438,6 +323,8 @@ def complete_with_tools(
 ) -> ToolCompletion:
     """Answer a chat-completions request that has `tools`: text, or tool calls with valid arguments.
 
+    `prompt` is the request's `chat_format.render(messages, tools)`, generation prompt included.
+
     `max_tokens` bounds the whole turn, tool-call opener included (None: the room left in the context).
     A call cut off by it comes back as far as it was written, with finish_reason "length" (as OpenAI
     does). `logprobs` (the number of top alternatives) adds per-token log-probabilities to a text answer.
@@ -446,7 +333,7 @@ def complete_with_tools(
     """
     chosen = plan(
         runtime,
-        messages=messages,
+        prompt=prompt,
         tools=tools,
         tool_choice=tool_choice,
         adapter=adapter,
