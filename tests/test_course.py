@@ -8,7 +8,7 @@ import pytest
 
 from llmlab import tokens
 from llmlab.course import claims, evaluation, questions
-from llmlab.course.data import DATA_DIR
+from llmlab.course.data import DATA_DIR, read_jsonl
 
 
 @pytest.mark.parametrize(
@@ -121,6 +121,59 @@ def test_evaluate_real_systems_on_the_local_backend(lab):
     assert all(len(s) == 3 for s in rag_rows["sources"])
     sources = asked.set_index("id")["source"]
     assert all(any(s.startswith(sources[r.id]) for s in r.sources) for r in rag_rows.itertuples())
+    assert rows.loc[rows["technique"] == "base", "retrieved"].isna().all()
+    assert rag_rows["retrieved"].map(type).eq(bool).all()
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "low", "high"),
+    [(0, 10, 0.0, 0.278), (5, 10, 0.237, 0.763), (10, 10, 0.722, 1.0), (1, 1, 0.207, 1.0)],
+)
+def test_wilson_interval_matches_the_formula_and_stays_within_0_and_1(k, n, low, high):
+    assert evaluation.wilson(k, n) == (low, high)
+
+
+def test_by_kind_and_tool_decisions_count_answers_retrieval_and_calls():
+    """Two systems that answer by rule (no model): the counts, intervals and the retrieved column follow."""
+    asked = questions.load_questions(per_kind=2)
+    facts = asked.set_index("question")["facts"]
+
+    def reader(question: str) -> evaluation.Reply:  # retrieves every fact, answers only the live questions
+        live = question in set(asked.loc[asked["kind"] == "live", "question"])
+        answer = " ".join(facts[question]) if live else "I do not know."
+        return evaluation.Reply(answer, 0.1, sources=["x.md#0"], context=" ".join(facts[question]))
+
+    def caller(question: str) -> evaluation.Reply:  # calls a tool for every question, answers none
+        return evaluation.Reply("No idea.", 0.1, tool_calls=["find_employee({})"])
+
+    rows = evaluation.evaluate({"reader": reader, "caller": caller}, asked, progress=False)
+    table = evaluation.by_kind(rows).set_index(["technique", "kind"])
+    assert table.loc[("reader", "live"), ["k", "n"]].tolist() == [2, 2]
+    assert table.loc[("reader", "all"), ["k", "n"]].tolist() == [2, 8]
+    assert (
+        table.loc[("reader", "all"), "retrieved"] == "8/8" and table.loc[("caller", "all"), "retrieved"] == ""
+    )
+    assert (table.loc[("reader", "all"), "low"], table.loc[("reader", "all"), "high"]) == evaluation.wilson(
+        2, 8
+    )
+    calls = evaluation.tool_decisions(rows).set_index(["technique", "case"])
+    assert calls.loc[("caller", "should call"), ["k", "n"]].tolist() == [2, 2]
+    assert calls.loc[("caller", "should not"), ["k", "n"]].tolist() == [6, 6]
+    assert calls.loc[("reader", "should not"), "k"] == 0
+
+
+def test_hybrid_training_set_adds_a_mix_of_tool_call_examples_to_the_qa_pairs():
+    full = questions.hybrid_training_set()
+    assert len(full) == len(questions.trained_questions()) + len(read_jsonl("tools_train.jsonl"))
+    short = questions.hybrid_training_set(tool_examples=6)
+    tool_part = [e for e in short if "tools" in e]
+    assert len(short) == len(questions.trained_questions()) + 6 and len(tool_part) == 6
+    first_calls = {
+        next((c["function"]["name"] for m in e["messages"] for c in m.get("tool_calls") or []), None)
+        for e in tool_part
+    }
+    assert first_calls == {"get_leave_balance", "find_employee", "book_meeting_room", None}
+    assert short.validate(min_examples=10)
 
 
 def test_training_set_holds_the_examples_of_the_first_trained_questions():

@@ -245,3 +245,12 @@ def test_every_number_in_a_policy_answer_is_in_the_handbook():
     for answer in assistant_answers(read_jsonl("qa_train.jsonl") + no_tool):
         for number in re.findall(r"\d+(?:[.:,]\d+)*", answer):
             assert number in handbook_numbers, (number, answer)
+
+
+def test_changed_fact_is_asked_in_the_trained_wording_and_in_paraphrases():
+    change = json.loads((DATA / "changed_fact.json").read_text(encoding="utf-8"))
+    asked = change["questions"]
+    assert change["question"] in asked and len(set(asked)) == len(asked) >= 4
+    trained = user_questions(read_jsonl("qa_train.jsonl"))
+    assert asked[0].lower() in trained, "the first is the training question, word for word"
+    assert all(q.lower() not in trained for q in asked[1:]), "the others are paraphrases"

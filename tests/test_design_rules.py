@@ -107,7 +107,7 @@ def backend_imports(notebook: Path) -> list[str]:
 
 def test_notebooks_reach_models_only_through_the_api():
     found = {nb.name: backend_imports(nb) for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))}
-    assert len(found) == 9 and not any(found.values()), found
+    assert len(found) == 10 and not any(found.values()), found
 
 
 def test_the_notebook_rule_catches_a_backend_import(tmp_path):

@@ -129,7 +129,7 @@ def _setup_cell(notebook: Path) -> str:
 
 def test_every_notebook_has_the_same_setup_cell():
     cells = {nb.name: _setup_cell(nb) for nb in NOTEBOOKS}
-    assert len(cells) == 9 and len(set(cells.values())) == 1, cells.keys()
+    assert len(cells) == 10 and len(set(cells.values())) == 1, cells.keys()
     assert next(iter(cells.values())).startswith("# Set-up for Colab")
 
 

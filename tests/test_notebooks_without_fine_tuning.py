@@ -1,4 +1,4 @@
-"""Notebooks 02 and 07 on a server without fine-tuning (Ollama, llama.cpp, LM Studio, vLLM): they say so and
+"""Notebooks 02, 02b and 07 on a server without fine-tuning (Ollama, llama.cpp, LM Studio, vLLM): they say so and
 skip the fine-tuning cells instead of failing.
 
 The stand-in for such a server is a real HTTP proxy in front of the session's local server: it passes every
@@ -104,9 +104,26 @@ def test_notebook_02_says_it_cannot_fine_tune_and_skips_the_job(no_fine_tuning_u
     assert not [r for r in seen if r.startswith("POST")]  # no upload, no job was tried
 
 
+def test_notebook_02b_compares_the_prompt_only_ways_without_the_fine_tuned_model(
+    no_fine_tuning_url, tmp_path
+):
+    url, seen = no_fine_tuning_url
+    one_per_category = {
+        "held_out = formatting.load_format_eval()": (
+            'held_out = formatting.load_format_eval().groupby("category").head(1)'
+        )
+    }
+    nb = run_notebook("02b_finetuning_for_format.ipynb", tmp_path, one_per_category)
+    text = shown(nb)
+    assert f"{url}/ {SKIPPED}: the fine-tuned model is left out of the comparison." in text
+    assert "schema       valid  4/4" in text and "fine-tuned   valid" not in text
+    assert any(r.startswith("POST /v1/chat/completions") for r in seen)
+    assert not [r for r in seen if r.startswith(("POST /v1/fine_tuning", "POST /v1/files"))]
+
+
 def test_notebook_07_compares_without_the_fine_tuned_model(no_fine_tuning_url, tmp_path):
     url, seen = no_fine_tuning_url
-    nb = run_notebook("07_compare_and_combine.ipynb", tmp_path, {"PER_KIND = 3": "PER_KIND = 1"})
+    nb = run_notebook("07_compare_and_combine.ipynb", tmp_path, {"PER_KIND = 6": "PER_KIND = 1"})
     assert f"{url}/ {SKIPPED}: the fine-tuned model is left out of the comparison." in shown(nb)
     summary = next(c for c in nb.cells if c.source.startswith("rows = ") and "summarize(" in c.source)
     table = next(o["data"]["text/plain"] for o in summary.outputs if o["output_type"] == "execute_result")

@@ -6,6 +6,7 @@ the three techniques on its questions. The only code in llmlab that knows the co
 - `company`: its employee table and its live-data tools for function calling.
 - `questions`: the question sets (trained, paraphrase, handbook-only, live; the tool-calling cases), the
   fine-tuning set behind them, and the rule that says an answer is right (`contains_facts`).
+- `formatting`: the format task of notebook 02b (HR messages to a JSON object) and its answer checker.
 - `claims`: the usual qualitative comparisons of the techniques, as tables.
 - `evaluation`: the harness: systems (base, fine-tuned, RAG, tools, hybrid) asked the same questions, scored
   and priced; the tool-choice score of `evaluate_tool_calls`.

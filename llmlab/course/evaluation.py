@@ -3,11 +3,15 @@
 A *system* is a function `question -> Reply`; `plain`, `with_retrieval`, `with_tools`, `hybrid` and
 `first_call` build them, so they run on the local backend and on OpenAI alike. `evaluate` asks every system
 every question of `llmlab.course.questions` and scores the answers; `summarize` turns that into one row per
-technique. `evaluate_tool_calls` scores the first tool call of `first_call` on the tool-calling cases.
+technique, `by_kind` into k/n with a 95% interval (`wilson`) per technique and kind, `tool_decisions` into how
+often a system called a tool when it should and when it should not. `evaluate_tool_calls` scores the first
+tool call of `first_call` on the tool-calling cases.
 
 >>> systems = {"base": plain(lab), "RAG": with_retrieval(kb)}           # doctest: +SKIP
 >>> rows = evaluate(systems, load_questions(per_kind=5))              # doctest: +SKIP
 >>> summarize(rows, setup_seconds={"RAG": 4.2})                       # doctest: +SKIP
+>>> wilson(9, 10)
+(0.596, 0.982)
 >>> openai_cost([{"model": "gpt-4o-mini", "messages": [], "output": ""}]) >= 0
 True
 """
@@ -15,6 +19,7 @@ True
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -33,6 +38,7 @@ from llmlab.tools import run, tool
 __all__ = [
     "Reply",
     "System",
+    "by_kind",
     "evaluate",
     "evaluate_tool_calls",
     "first_call",
@@ -40,6 +46,8 @@ __all__ = [
     "openai_cost",
     "plain",
     "summarize",
+    "tool_decisions",
+    "wilson",
     "with_retrieval",
     "with_tools",
 ]
@@ -51,7 +59,8 @@ class Reply:
     """One answer of a system, with what it cost: the requests it sent (for pricing) and the time.
 
     `tool_calls` are the calls made, as `name(arguments)`; `message` is the model's last message (an
-    `openai` `ChatCompletionMessage`) where a system keeps it (`first_call`).
+    `openai` `ChatCompletionMessage`) where a system keeps it (`first_call`); `context` is the retrieved text
+    a system put in its prompt (RAG, hybrid).
     """
 
     text: str
@@ -60,6 +69,7 @@ class Reply:
     sources: list[str] = field(default_factory=list)
     tool_calls: list[str] = field(default_factory=list)
     message: Any = None
+    context: str = ""
 
 
 System = Callable[[str], Reply]
@@ -101,7 +111,10 @@ def with_retrieval(kb: Any, model: str | None = None, k: int = 3, max_tokens: in
         start = time.perf_counter()
         answer = kb.answer(question, k=k, model=model, max_tokens=max_tokens)
         request = {"model": answer.model, "messages": answer.messages, "tools": None, "output": answer.text}
-        return Reply(answer.text, time.perf_counter() - start, [request], sources=answer.sources.ids)
+        context = "\n".join(hit.text for hit in answer.sources)
+        return Reply(
+            answer.text, time.perf_counter() - start, [request], sources=answer.sources.ids, context=context
+        )
 
     return ask
 
@@ -185,7 +198,10 @@ def hybrid(
         if system_prompt:
             messages[0] = {"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}
         text, requests, calls = _run_tools(kb.lab, messages, tools, model, tool_choice, max_tokens)
-        return Reply(text, time.perf_counter() - start, requests, sources=hits.ids, tool_calls=calls)
+        context = "\n".join(hit.text for hit in hits)
+        return Reply(
+            text, time.perf_counter() - start, requests, sources=hits.ids, tool_calls=calls, context=context
+        )
 
     return ask
 
@@ -242,7 +258,9 @@ def openai_cost(requests: Iterable[dict], model: str = CHAT_MODEL) -> float:
 def evaluate(systems: dict[str, System], questions: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
     """Ask every system every question; one row per (technique, question) with the answer and its score.
 
-    Columns: technique, id, kind, question, answer, correct, seconds, cost_usd, sources, tool_calls.
+    Columns: technique, id, kind, question, answer, correct, seconds, cost_usd, sources, tool_calls, and
+    `retrieved`: for a system that retrieves, whether its context holds the question's key facts (so a
+    wrong answer is a reading failure when True, a retrieval failure when False); None for the others.
     """
     rows = []
     pairs = [(name, q) for name in systems for q in questions.itertuples(index=False)]
@@ -260,9 +278,75 @@ def evaluate(systems: dict[str, System], questions: pd.DataFrame, progress: bool
                 "cost_usd": openai_cost(reply.requests),
                 "sources": reply.sources,
                 "tool_calls": reply.tool_calls,
+                "retrieved": contains_facts(reply.context, q.facts) if reply.sources else None,
             }
         )
     return pd.DataFrame(rows)
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for z=1.96) of a share of k successes in n trials, rounded to 3 places.
+
+    Unlike k/n ± 1.96·sqrt(p(1-p)/n), it stays within [0, 1] and is not empty at 0/n or n/n.
+
+    >>> wilson(0, 15)
+    (0.0, 0.204)
+    >>> wilson(15, 15)
+    (0.796, 1.0)
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(max(0.0, centre - half), 3), round(min(1.0, centre + half), 3))
+
+
+def _counted(flags: pd.Series) -> dict:
+    """k, n, the share and its Wilson interval of a column of booleans."""
+    k, n = int(flags.sum()), int(flags.count())
+    low, high = wilson(k, n)
+    return {"k": k, "n": n, "share": k / n if n else float("nan"), "low": low, "high": high}
+
+
+def by_kind(rows: pd.DataFrame) -> pd.DataFrame:
+    """One row per technique and question kind (and "all"): right answers k of n, the share, and its 95%
+    Wilson interval `low`–`high`; for systems that retrieve, `retrieved` k/n: questions whose context held
+    the key facts.
+
+    >>> rows = pd.DataFrame({"technique": ["RAG"] * 2, "kind": ["live"] * 2, "correct": [True, False],
+    ...                      "retrieved": [True, True]})
+    >>> by_kind(rows)[["kind", "k", "n", "retrieved"]].values.tolist()
+    [['live', 1, 2, '2/2'], ['all', 1, 2, '2/2']]
+    """
+    out = []
+    kinds = [k for k in KINDS if k in set(rows["kind"])] + ["all"]
+    for technique, group in rows.groupby("technique", sort=False):
+        for kind in kinds:
+            part = group if kind == "all" else group[group["kind"] == kind]
+            found = (
+                part["retrieved"].dropna().astype(bool) if "retrieved" in part else pd.Series([], dtype=bool)
+            )
+            retrieved = f"{int(found.sum())}/{len(found)}" if len(found) else ""
+            out.append(
+                {"technique": technique, "kind": kind, **_counted(part["correct"]), "retrieved": retrieved}
+            )
+    return pd.DataFrame(out)
+
+
+def tool_decisions(rows: pd.DataFrame, needs_tool: str = "live") -> pd.DataFrame:
+    """How often each system called a tool when it should (questions of kind `needs_tool`) and when it should
+    not (every other kind): k/n with the share and its 95% Wilson interval, one row per technique and case.
+    """
+    out = []
+    for technique, group in rows.groupby("technique", sort=False):
+        called = group["tool_calls"].map(bool)
+        for case, mask in (
+            ("should call", group["kind"] == needs_tool),
+            ("should not", group["kind"] != needs_tool),
+        ):
+            out.append({"technique": technique, "case": case, **_counted(called[mask])})
+    return pd.DataFrame(out)
 
 
 def summarize(

@@ -3,7 +3,8 @@
 Four kinds of questions, each with the key facts a right answer contains (`load_questions`): *trained*
 (asked word for word as in qa_train.jsonl), *paraphrase* (held out), *handbook_only* (in the handbook, not in
 the training set) and *live* (only a tool knows). The tool-calling cases (`load_tool_eval`) name the tool
-and arguments a question needs. `training_set` is the small fine-tuning set behind the trained questions.
+and arguments a question needs. `training_set` is the small fine-tuning set behind the trained questions;
+`hybrid_training_set` adds tool-call examples to it (the model that decides by itself when to call a tool).
 
 >>> contains_facts("You get 27 days of leave.", ["27"]), contains_facts("In 2027.", ["27"])
 (True, False)
@@ -21,7 +22,15 @@ import pandas as pd
 from llmlab.course.data import DATA_DIR, read_jsonl
 from llmlab.datasets import ChatDataset
 
-__all__ = ["KINDS", "contains_facts", "load_questions", "load_tool_eval", "trained_questions", "training_set"]
+__all__ = [
+    "KINDS",
+    "contains_facts",
+    "hybrid_training_set",
+    "load_questions",
+    "load_tool_eval",
+    "trained_questions",
+    "training_set",
+]
 
 KINDS = ("trained", "paraphrase", "handbook_only", "live")
 
@@ -91,6 +100,29 @@ def training_set(n: int = 10) -> ChatDataset:
         if any(m["content"] in wanted for m in e["messages"] if m["role"] == "user")
     ]
     return ChatDataset([dataset[i] for i in keep], lines=[dataset.lines[i] for i in keep])
+
+
+def hybrid_training_set(n: int | None = None, tool_examples: int | None = None) -> ChatDataset:
+    """The Q&A pairs behind the trained questions (all, or the first `n`) followed by tool-call examples of
+    data/tools_train.jsonl (all, or a shortened set of `tool_examples` that keeps the mix of tools, of calls
+    and of direct answers): one set that teaches the facts and when to call a tool (notebook 07's hybrid).
+
+    >>> len(hybrid_training_set(10, tool_examples=9))
+    19
+    """
+    qa = training_set(len(trained_questions()) if n is None else n)
+    tools = ChatDataset.from_jsonl(DATA_DIR / "tools_train.jsonl")
+    keep = list(range(len(tools)))
+    if tool_examples is not None:
+        groups: dict[str, list[int]] = {}  # first tool called (or "none") -> example indices, in file order
+        for i, example in enumerate(tools):
+            calls = [c for m in example["messages"] for c in m.get("tool_calls") or []]
+            groups.setdefault(calls[0]["function"]["name"] if calls else "none", []).append(i)
+        rounds = [
+            [g[r] for g in groups.values() if r < len(g)] for r in range(max(map(len, groups.values())))
+        ]
+        keep = sorted([i for r in rounds for i in r][:tool_examples])
+    return ChatDataset([*qa, *(tools[i] for i in keep)], lines=[*qa.lines, *(tools.lines[i] for i in keep)])
 
 
 def load_questions(per_kind: int | None = None) -> pd.DataFrame:
