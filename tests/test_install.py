@@ -22,6 +22,7 @@ import pytest
 import llmlab
 from llmlab.cli import main
 from llmlab.course.data import DATA_DIR
+from llmlab.local.engine_onnx import engine_name
 from llmlab.paths import REPO_ROOT
 
 NOTEBOOKS = sorted((REPO_ROOT / "notebooks").glob("*.ipynb"))
@@ -59,6 +60,7 @@ HELPERS_SCRIPT = """
 import llmlab
 from llmlab.course import claims, company, evaluation, questions
 from llmlab.course.data import DATA_DIR
+from llmlab.local.engine_onnx import engine_name
 
 staff = company.employees()
 name = staff.iloc[0]["name"]
@@ -176,6 +178,9 @@ def test_the_weight_cache_is_built_with_one_bar_of_ours(tmp_path):
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert (tmp_path / "home" / "weights" / "SmolLM2-135M-Instruct" / "model.safetensors").is_file()
+    # and the default engine's int8 ONNX model, so that the first chat does not build it
+    onnx = tmp_path / "home" / "weights" / "SmolLM2-135M-Instruct-onnx-uint8-lora-r0" / "genai_config.json"
+    assert onnx.is_file() == (engine_name(env) == "onnx")
     assert "ok  weight cache: " in run.stdout and "not built yet" not in run.stdout
     bars = run.stderr.replace("\r", "\n")
     assert "Preparing the chat model (once)" in bars and "100%" in bars, bars[-2000:]
