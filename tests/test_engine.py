@@ -25,6 +25,7 @@ import torch
 from conftest import TEST_HOME
 
 from llmlab.local.chat_format import render
+from llmlab.local.memory_limit import memory_limit_bytes
 from llmlab.local.runtime import ChatRuntime, build_folder_atomically
 from llmlab.local.server import create_app, serve_app_in_thread
 from llmlab.local.store import Store
@@ -95,6 +96,19 @@ def test_onnx_is_the_default_where_it_imports_and_torch_the_fallback(monkeypatch
     monkeypatch.delenv("LLMLAB_ENGINE")
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as where it has no wheel
     assert ChatRuntime(linked_home()).engine == "torch"
+
+
+def test_tight_memory_serves_on_torch_unless_told(monkeypatch):
+    """Under Binder's `MEM_LIMIT` of 2 GB the server and a LoRA job peaked at 1,672 MB on ONNX (its model beside
+    torch's weights, which the job needs) vs 1,311 MB on torch (bench/bench_backend.py): torch serves there."""
+    monkeypatch.delenv("LLMLAB_ENGINE", raising=False)
+    monkeypatch.setenv("MEM_LIMIT", str(2 * 2**30))
+    assert ChatRuntime(linked_home()).engine == "torch"
+    monkeypatch.setenv("LLMLAB_ENGINE", "onnx")
+    assert ChatRuntime(linked_home()).engine == "onnx"
+    monkeypatch.setenv("MEM_LIMIT", str(16 * 2**30))
+    monkeypatch.delenv("LLMLAB_ENGINE")
+    assert ChatRuntime(linked_home()).engine == ("onnx" if memory_limit_bytes() >= 4 * 2**30 else "torch")
 
 
 def test_a_folder_appears_complete_or_not_at_all(tmp_path):

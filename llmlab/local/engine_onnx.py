@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmlab.local.memory_limit import memory_is_tight
+
 _log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx")
 SHARED_KV = 2048  # tokens: 94 MB of KV states
@@ -74,16 +76,17 @@ def onnx_available() -> bool:
 
 def engine_name(environ: Mapping[str, str] = os.environ) -> str:
     """The chat engine: `$LLMLAB_ENGINE` ("torch" or "onnx") when set, else "onnx" where onnxruntime-genai is
-    installed and "torch" where it is not.
+    installed and memory is not tight, and "torch" where it is not installed or where memory is tight (under
+    4 GiB, as on Binder: a LoRA job shares torch's weights, while the ONNX model would sit beside them).
 
     >>> engine_name({"LLMLAB_ENGINE": "torch"}), engine_name({"LLMLAB_ENGINE": " ONNX "})
     ('torch', 'onnx')
-    >>> engine_name({}) == ("onnx" if onnx_available() else "torch")
-    True
+    >>> engine_name({"MEM_LIMIT": str(2 * 2**30)})
+    'torch'
     """
     name = (environ.get("LLMLAB_ENGINE") or "").strip().lower()
     if not name:
-        return "onnx" if onnx_available() else "torch"
+        return "onnx" if onnx_available() and not memory_is_tight(environ) else "torch"
     if name not in ENGINES:
         raise ValueError(f"LLMLAB_ENGINE must be one of {', '.join(ENGINES)}, not {name!r}")
     return name

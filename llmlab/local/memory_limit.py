@@ -1,9 +1,11 @@
-"""How much memory this process may use, and whether LoRA training should trade time for memory.
+"""How much memory this process may use, and where the kit trades speed for memory.
 
 Binder and JupyterHub give a learner 1-2 GB for everything (they say so in `MEM_LIMIT` and the container's
-cgroup); a laptop has many GB. Training recomputes activations (activation checkpointing: the same losses,
-~30% more time per step, ~90 MB less per tutorial example) only where the limit is tight.
-`LLMLAB_ACTIVATION_CHECKPOINTING` = `1` / `0` forces it on or off; `auto` (the default) decides by the limit.
+cgroup); a laptop has many GB. Where the limit is tight (under 4 GiB):
+- training recomputes activations (activation checkpointing: the same losses, ~30% more time per step, ~90 MB
+  less per tutorial example); `LLMLAB_ACTIVATION_CHECKPOINTING` = `1` / `0` forces it on or off;
+- the chat model is served by torch, whose weights a LoRA job shares, not by the int8 ONNX engine beside them
+  (~360 MB more at a job's peak); `LLMLAB_ENGINE` forces either (`llmlab.local.engine_onnx.engine_name`).
 
 >>> checkpointing_wanted({"MEM_LIMIT": "2147483648"}), checkpointing_wanted({"LLMLAB_ACTIVATION_CHECKPOINTING": "0"})
 (True, False)
@@ -15,7 +17,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-TIGHT_BYTES = 4 * 2**30  # under this limit training checkpoints activations
+TIGHT_BYTES = 4 * 2**30  # under this limit memory is tight
 _SWITCH = "LLMLAB_ACTIVATION_CHECKPOINTING"
 
 
@@ -68,5 +70,15 @@ def checkpointing_wanted(environ: Mapping[str, str] = os.environ, **limit_source
         return False
     if choice != "auto":
         raise ValueError(f"{_SWITCH} must be 1, 0 or auto, not {choice!r}")
+    return memory_is_tight(environ, **limit_sources)
+
+
+def memory_is_tight(environ: Mapping[str, str] = os.environ, **limit_sources: Path) -> bool:
+    """Whether the memory limit (`memory_limit_bytes`) is under 4 GiB, as on Binder.
+
+    >>> nowhere = {"cgroup": Path("/nonexistent"), "meminfo": Path("/nonexistent")}
+    >>> memory_is_tight({"MEM_LIMIT": str(2 * 2**30)}, **nowhere), memory_is_tight({"MEM_LIMIT": str(8 * 2**30)}, **nowhere)
+    (True, False)
+    """
     limit = memory_limit_bytes(environ, **limit_sources)
     return limit is not None and limit < TIGHT_BYTES
