@@ -9,11 +9,12 @@ The chat model is loaded lazily: the first time ever from the GGUF file of the `
 Decoding is our own loop over a KV cache, so sampling, stop strings, streaming and constrained decoding
 (llguidance: a token mask per step) live in one place. The KV states of recent prompts are kept
 (`PromptCache`): a request that starts like an earlier one, with the same system prompt and tools, reads
-only the tokens after the shared part. One lock serialises generations; adapters are LoRA weights over
-the one shared base model, switched under that lock. Where onnxruntime-genai imports (the default engine;
+only the tokens after the shared part. On torch one lock serialises generations; adapters are LoRA weights
+over the one shared base model, switched under that lock. Where onnxruntime-genai imports (the default engine;
 `LLMLAB_ENGINE=torch` forces torch) every generation and log-probability (base or adapter, plain or
-constrained) runs on an int8 ONNX Runtime GenAI model (`engine_onnx`, with its own prompt cache), through the
-same decoding loop; torch then serves training only.
+constrained) runs on an int8 ONNX model (`engine_onnx`, with its own prompt cache), through the same decoding
+loop, and requests running at the same time are decoded in one batch (`batching`); torch then serves
+training only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -339,7 +340,8 @@ class _Handout:
 class ChatRuntime:
     """SmolLM2-135M-Instruct with LoRA adapters: generation, streaming, constrained decoding, log-probs.
 
-    Thread-safe: one lock around each generation (a stream holds it until it is exhausted or closed).
+    Thread-safe. On torch one lock is held around each generation (a stream holds it until it is exhausted
+    or closed); on the ONNX engine requests running at the same time are decoded in one batch.
     """
 
     model_id = CHAT_MODEL_ID
@@ -494,6 +496,16 @@ class ChatRuntime:
                 self.prompt_cache.forget(name)
 
     @contextmanager
+    def _serving(self, adapter: str | None) -> Iterator[ExitStack]:
+        """Generate with `adapter` in use: on torch under the lock (one generation at a time), on the ONNX
+        engine without it (requests running together are decoded together). Yields the stack to release on."""
+        with ExitStack() as held:
+            if self._onnx is None:
+                held.enter_context(self._lock)
+            held.enter_context(self._using(adapter))
+            yield held
+
+    @contextmanager
     def _using(self, adapter: str | None) -> Iterator[None]:
         """Run the model as base (None) or with one adapter; call with the lock held."""
         if adapter is not None and adapter not in self._adapters:
@@ -612,14 +624,14 @@ class ChatRuntime:
         return logits, cache
 
     def _decoder(
-        self, ids: list[int], adapter: str | None, max_tokens: int, keep: int = 1
+        self, ids: list[int], adapter: str | None, keep: int = 1
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
         """Read the prompt `ids`: (the next-token logits of its last `keep` positions, (keep, vocab);
         `advance(token)` giving the logits after one more, (vocab,)), on the ONNX engine when it is on
-        (the default where it imports), else on torch. Both reuse a cached prefix. Call with the lock held and
-        `adapter` in use."""
+        (the default where it imports; `advance` then decodes in one batch with the other running requests and
+        has a `close()`), else on torch. Both reuse a cached prefix. Call within `_serving(adapter)`."""
         if self._onnx is not None:
-            return self._onnx.start(ids, max_length=len(ids) + max_tokens + 1, adapter=adapter, keep=keep)
+            return self._onnx.start(ids, adapter=adapter, keep=keep)
         logits, cache = self._read_prompt(ids, adapter, keep)
         return logits, lambda token: self._forward([token], cache)[-1]
 
@@ -660,8 +672,10 @@ class ChatRuntime:
         generator.manual_seed(seed if seed is not None else generator.seed())
         tokens: list[int] = []
         text, emitted, finish = "", 0, "length"
-        with self._lock, self._using(adapter):
-            logits, advance = self._decoder(ids, adapter, max_tokens)
+        with self._serving(adapter) as held:
+            logits, advance = self._decoder(ids, adapter)
+            if self._onnx is not None:
+                held.callback(advance.close)  # its row in the batch, given back however the stream ends
             logits = logits[-1]
             # how often each token was generated, when a penalty is asked for
             counts = torch.zeros(logits.shape[-1]) if frequency_penalty or presence_penalty else None
@@ -720,8 +734,8 @@ class ChatRuntime:
         if not tail:
             return 0.0
         self.check_room(len(head) + len(tail), 0)
-        with self._lock, self._using(adapter):
-            logits, _ = self._decoder(head + tail, adapter, max_tokens=0, keep=len(tail) + 1)
+        with self._serving(adapter):
+            logits, _ = self._decoder(head + tail, adapter, keep=len(tail) + 1)
         logprobs = torch.log_softmax(logits[:-1], dim=-1)
         return float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())
 
