@@ -150,8 +150,8 @@ def test_engine_logits_follow_torch_fp32(onnx_server, torch_runtime):
         prompt = render([{"role": "user", "content": question}])
         ids = torch_runtime.encode(prompt)
         answer = torch_runtime.encode(torch_runtime.generate(prompt, temperature=0, max_tokens=16).text)
-        mine, advance = runtime._onnx.start(ids, max_length=len(ids) + len(answer) + 1)
-        theirs, step = torch_runtime._decoder(ids, None, len(answer))
+        mine, advance = runtime._onnx.start(ids)
+        theirs, step = torch_runtime._decoder(ids, None)
         mine, theirs = mine[-1], theirs[-1]
         for token in answer:
             kld = torch.sum(theirs.softmax(-1) * (theirs.log_softmax(-1) - mine.log_softmax(-1)))
@@ -332,8 +332,8 @@ def test_the_auto_decision_log_probability_comes_from_the_engine(onnx_server, to
 
 
 def test_a_shared_prompt_prefix_is_read_once(onnx_server):
-    """Requests sharing a long system prompt: the second rewinds the engine's kept generator instead of
-    re-reading, and answers exactly as a cold engine does."""
+    """Requests sharing a long system prompt: the second reads only what follows the kept prompt's KV states,
+    and answers exactly as a cold engine does."""
     client, runtime = onnx_server
     system = "You are the assistant of Fernhollow. " + " ".join(
         f"Rule {i}: be kind and brief." for i in range(40)
@@ -341,14 +341,14 @@ def test_a_shared_prompt_prefix_is_read_once(onnx_server):
     messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[1]}]
     first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
     engine, reads = runtime._onnx, []
-    original = engine._generator
+    original = engine._read
 
     def spy(ids, *args):
-        generator, done = original(ids, *args)
+        logits, kv, done = original(ids, *args)
         reads.append((len(ids), done))
-        return generator, done
+        return logits, kv, done
 
-    engine._generator = spy
+    engine._read = spy
     try:
         messages[-1]["content"] = QUESTIONS[0]
         warm = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
@@ -356,7 +356,7 @@ def test_a_shared_prompt_prefix_is_read_once(onnx_server):
         engine._kept = []
         cold = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
     finally:
-        del engine._generator
+        del engine._read
         engine.keep, engine._kept = 2, kept
     (prompt, cached), (_, none) = reads
     assert first.usage.prompt_tokens > 300 and prompt - cached < 40 and none == 0, reads  # the question only
@@ -415,7 +415,7 @@ def test_an_unreadable_adapter_fails_that_model_only(onnx_finetuned, ft_examples
 
 
 def test_a_large_max_tokens_grows_the_kv_states_as_needed(onnx_server):
-    """max_tokens beyond `SHARED_KV`: the KV states grow instead of being allocated for 8,000 tokens."""
+    """A large max_tokens: the KV states grow as the answer does instead of being allocated for 8,000 tokens."""
     client, _ = onnx_server
     small = ask(client, QUESTIONS[2], temperature=0, max_tokens=64, stop=["\n"]).choices[0]
     large = ask(client, QUESTIONS[2], temperature=0, max_tokens=8000, stop=["\n"]).choices[0]

@@ -64,16 +64,12 @@ class Sequence:
 class _Batch:
     """The rows of one adapter and their KV states: key, value per layer, (rows, kv_heads, capacity, head)."""
 
-    def __init__(self, adapter: Any, shape: tuple[int, int, int]) -> None:
-        import onnxruntime as ort
-
+    def __init__(self, adapter: dict[str, Any], shape: tuple[int, int, int]) -> None:
+        self.adapter = adapter  # its LoRA inputs (`run_with_iobinding` ignores a RunOptions' active adapter)
         self.rows: list[_Row] = []
         self.capacity = 0
         self.buffers: list[np.ndarray] = []
         self._shape = shape  # (layers, kv_heads, head_size)
-        self.options = ort.RunOptions()
-        if adapter is not None:
-            self.options.add_active_adapter(adapter)
 
     def reserve(self, rows: int, tokens: int) -> None:
         """Room for `rows` rows of `tokens` tokens (grown by copying, capacity by half at least)."""
@@ -124,13 +120,13 @@ class Scheduler:
         self._cond = threading.Condition()
         self._joining: list[_Row] = []
         self._leaving: list[_Row] = []
-        self._batches: dict[Any, _Batch] = {}  # adapter (None: the base model) -> its batch
+        self._batches: dict[int, _Batch] = {}  # id of its adapter's LoRA inputs -> the batch
         self._thread: threading.Thread | None = None
         self.peak = 0
 
-    def sequence(self, adapter: Any, kv: list[np.ndarray], length: int) -> Sequence:
+    def sequence(self, adapter: dict[str, Any], kv: list[np.ndarray], length: int) -> Sequence:
         """A sequence whose prompt (`length` tokens) has the KV states `kv` (key, value per layer,
-        (1, kv_heads, length, head_size)), to be decoded with `adapter` (a `LoraAdapter`; None: the base)."""
+        (1, kv_heads, length, head_size)), to be decoded with the LoRA inputs `adapter` ({}: the base model)."""
         return Sequence(self, _Row(adapter, kv, length))
 
     def advance(self, row: _Row, token: int) -> torch.Tensor:
@@ -166,15 +162,15 @@ class Scheduler:
     def _arrange(self) -> None:
         """Drop the rows that left, place the rows that joined (holding the condition)."""
         for row in self._leaving:
-            batch = self._batches[row.adapter]
+            batch = self._batches[id(row.adapter)]
             batch.remove(row)
             if not batch.rows:
-                del self._batches[row.adapter]
+                del self._batches[id(row.adapter)]
         self._leaving.clear()
         for row in self._joining:
-            if row.adapter not in self._batches:
-                self._batches[row.adapter] = _Batch(row.adapter, self._shape)
-            self._batches[row.adapter].place(row)
+            if id(row.adapter) not in self._batches:
+                self._batches[id(row.adapter)] = _Batch(row.adapter, self._shape)
+            self._batches[id(row.adapter)].place(row)
         self._joining.clear()
 
     def _due(self) -> list[_Batch]:
@@ -236,7 +232,9 @@ class Scheduler:
             value = ort.OrtValue.ortvalue_from_numpy(buffer[:n])  # a view: written in place
             binding.bind_ortvalue_input(past, value)
             binding.bind_ortvalue_output(present, value)
+        for name, value in batch.adapter.items():
+            binding.bind_ortvalue_input(name, value)
         binding.bind_output("logits")
         with self._run_lock:
-            self._session.run_with_iobinding(binding, batch.options)
+            self._session.run_with_iobinding(binding)
         return binding.get_outputs()[-1].numpy()

@@ -293,7 +293,7 @@ class OnnxEngine:
         self._kv_shape = (int(config["num_key_value_heads"]), int(config["head_size"]))
         self._lock = threading.Lock()  # around every run of the session
         self.scheduler = Scheduler(self.session, self._lock, self.layers, *self._kv_shape)
-        self._adapters: dict[str, Any] = {}  # name -> onnxruntime.LoraAdapter
+        self._adapters: dict[str | None, dict[str, Any]] = {None: {}}  # name -> its LoRA inputs (OrtValues)
         self.keep = keep
         self._kept: list[_Kept] = []  # least recently used first
 
@@ -301,18 +301,17 @@ class OnnxEngine:
     def load_adapter(self, name: str, adapter_dir: str | os.PathLike) -> None:
         """Make the peft LoRA adapter in `adapter_dir` usable as `adapter=name`; `AdapterError` if it cannot be."""
         path = export_adapter(adapter_dir, self.layers)
-        adapter = self._ort.LoraAdapter()
         try:
-            adapter.Load(str(path))
+            self._adapters[name] = self._ort.AdapterFormat.read_adapter(str(path)).get_parameters()
         except Exception as exc:  # onnxruntime raises a bare RuntimeError
             raise AdapterError(f"the adapter in {adapter_dir} is unreadable: {exc}") from exc
-        self._adapters[name] = adapter
 
     def unload_adapter(self, name: str) -> None:
         """Forget adapter `name` and the KV states computed with it (a sequence decoding with it finishes)."""
         with self._lock:
             self._kept = [k for k in self._kept if k.adapter != name]
-            self._adapters.pop(name, None)
+            if name is not None:
+                self._adapters.pop(name, None)
 
     # -- reading and decoding --------------------------------------------------------------------------------
     def _prefix(self, ids: list[int], adapter: str | None, keep: int) -> tuple[list[np.ndarray] | None, int]:
@@ -341,9 +340,6 @@ class OnnxEngine:
     ) -> tuple[np.ndarray, list[np.ndarray], int]:
         """Read the prompt `ids` after its longest kept prefix: (the logits of its last `keep` positions, its
         KV states, how many tokens came from the kept prefix)."""
-        options = self._ort.RunOptions()
-        if adapter is not None:
-            options.add_active_adapter(self._adapters[adapter])
         heads, size = self._kv_shape
         with self._lock:
             past, done = self._prefix(ids, adapter, keep)
@@ -353,7 +349,8 @@ class OnnxEngine:
                 "attention_mask": np.ones((1, len(ids)), np.int64),
             }
             feeds.update(zip(self.scheduler.past_names, past, strict=True))
-            logits, *kv = self.session.run(["logits", *self.scheduler.present_names], feeds, options)
+            feeds.update(self._adapters[adapter])
+            logits, *kv = self.session.run(["logits", *self.scheduler.present_names], feeds)
             if self.keep and len(ids) >= MIN_REUSE:
                 self._kept.append(_Kept(adapter, list(ids), kv))
                 del self._kept[: -self.keep]
@@ -368,9 +365,9 @@ class OnnxEngine:
         or dropping it ends the sequence). Its KV states grow as it does.
 
         A kept prompt that is a prefix of `ids` is not read again: only the rest is."""
-        if adapter is not None and adapter not in self._adapters:
+        if adapter not in self._adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
+        lora = self._adapters[adapter]
         logits, kv, _ = self._read(ids, adapter, keep)
         first = torch.from_numpy(logits.astype("float32", copy=True))
-        lora = None if adapter is None else self._adapters[adapter]
         return first, self.scheduler.sequence(lora, kv, len(ids))
