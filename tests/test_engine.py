@@ -16,6 +16,8 @@ import math
 import shutil
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -444,3 +446,103 @@ def test_repetition_penalties_apply_on_both_engines(onnx_server, torch_runtime):
             ask(client, QUESTIONS[0], temperature=0, max_tokens=60, **penalty).choices[0].message.content
         )
         assert repeats(runtime, penalized) < repeats(runtime, plain), (plain, penalized)
+
+
+# -- requests running at the same time are decoded in one batch ---------------------------------------------
+LONG = ["Write a short story about a robot.", "Explain how a bicycle works.", "Describe a day at the beach."]
+
+
+def together(*calls):
+    """Run the calls at the same time (one thread each); their results, in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
+def content(reply: openai.types.chat.ChatCompletion) -> tuple:
+    message = reply.choices[0].message
+    return message.content, [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+def test_concurrent_requests_are_decoded_together_each_as_alone(onnx_server):
+    """8 greedy requests at once: read in shared decode steps (the engine's peak batch), each answer exactly the
+    one it gets alone (a batched row's int8 logits are those of the row alone)."""
+    client, runtime = onnx_server
+    questions = [*QUESTIONS, *LONG, "Name three colours.", "What is Python?"]
+    calls = [lambda q=q: ask(client, q, temperature=0, max_tokens=40) for q in questions]
+    alone = [content(call()) for call in calls]
+    runtime._onnx.scheduler.peak = 0
+    batched = [content(reply) for reply in together(*calls)]
+    assert batched == alone
+    assert runtime._onnx.scheduler.peak >= 2, runtime._onnx.scheduler.peak  # typically all 8
+
+
+def test_a_stream_closed_mid_batch_leaves_its_batch_mates_whole(onnx_server):
+    """A client hangs up on its stream while its batch-mates decode: they finish with their full answers, its row
+    is given back, and the server keeps serving."""
+    client, runtime = onnx_server
+    calls = [lambda q=q: ask(client, q, temperature=0, max_tokens=60) for q in LONG]
+    alone = [content(call()) for call in calls]
+
+    def hang_up() -> int:
+        stream = ask(client, QUESTIONS[0], temperature=0, max_tokens=200, stream=True)
+        chunks = [chunk for chunk, _ in zip(stream, range(5), strict=False)]
+        stream.close()
+        return len(chunks)
+
+    runtime._onnx.scheduler.peak = 0
+    *replies, received = together(*calls, hang_up)
+    assert [content(reply) for reply in replies] == alone and received == 5
+    assert all(reply.usage.completion_tokens == 60 for reply in replies)  # none cut short
+    assert runtime._onnx.scheduler.peak >= 2
+    assert ask(client, QUESTIONS[1], temperature=0, max_tokens=12).choices[0].message.content
+    for _ in range(100):  # the hung-up row is given back once the server notices (at its next token)
+        if runtime._onnx.scheduler.running() == 0:
+            break
+        time.sleep(0.05)
+    assert runtime._onnx.scheduler.running() == 0
+
+
+def test_constrained_and_plain_requests_share_a_batch(onnx_server):
+    """A JSON-schema request, a tool call and plain requests at once: each comes out as it does alone."""
+    client, runtime = onnx_server
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    calls = [
+        lambda: ask(
+            client,
+            "The capital of France, as JSON with a key city.",
+            temperature=0,
+            max_tokens=30,
+            response_format=schema_format,
+        ),
+        lambda: ask(
+            client,
+            "What is the weather in Paris? Use the weather tool.",
+            temperature=0,
+            max_tokens=60,
+            tools=[tool(weather).schema],
+            tool_choice="required",
+        ),
+        *[lambda q=q: ask(client, q, temperature=0, max_tokens=40) for q in LONG],
+    ]
+    alone = [content(call()) for call in calls]
+    runtime._onnx.scheduler.peak = 0
+    assert [content(reply) for reply in together(*calls)] == alone
+    assert json.loads(alone[0][0]) == {"city": "Paris"} and alone[1][1][0][0] == "weather"
+    assert runtime._onnx.scheduler.peak >= 2
+
+
+def test_requests_with_different_adapters_run_at_once(onnx_finetuned, ft_examples):
+    """A fine-tuned model and the base model decoding at the same time: each with its own LoRA inputs."""
+    client, runtime, job = onnx_finetuned
+    prompt = ft_examples[0]["messages"][:-1]
+    answer = ft_examples[0]["messages"][-1]["content"]
+    calls = [
+        lambda model=model: client.chat.completions.create(
+            model=model, messages=prompt, temperature=0, max_tokens=40
+        )
+        for model in (job["fine_tuned_model"], MODEL, job["fine_tuned_model"], MODEL)
+    ]
+    alone = [content(call()) for call in calls]
+    assert [content(reply) for reply in together(*calls)] == alone
+    assert alone[0][0].startswith(answer[:40]) and not alone[1][0].startswith(answer[:40])

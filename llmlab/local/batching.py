@@ -147,6 +147,11 @@ class Scheduler:
             raise RuntimeError(f"decoding failed: {row.result}") from row.result
         return row.result
 
+    def running(self) -> int:
+        """How many sequences are decoding (have handed in a token and not ended)."""
+        with self._cond:
+            return sum(len(b.rows) for b in self._batches.values()) - len(self._leaving) + len(self._joining)
+
     def release(self, row: _Row) -> None:
         """Give a row back (its stream ended or was closed): the decode thread drops it before its next step;
         its batch-mates go on."""
