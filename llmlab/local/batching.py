@@ -1,13 +1,14 @@
-"""Continuous batching for the ONNX engine: one decode thread advances every running sequence together.
+"""Continuous batching for the ONNX engine: the running sequences advance together, one forward pass a step.
 
 >>> scheduler = Scheduler(session, lock, layers=30, kv_heads=3, head_size=64)  # doctest: +SKIP
->>> sequence = scheduler.sequence(adapter=None, kv=prompt_kv, length=len(ids))  # doctest: +SKIP
+>>> sequence = scheduler.sequence(adapter={}, kv=prompt_kv, length=len(ids))  # doctest: +SKIP
 >>> sequence(token).shape  # the logits after one more token; batch-mates are read in the same pass
 torch.Size([49152])
 
 A request's thread samples its own next token (penalties, grammar mask, stop strings stay in `ChatRuntime`)
-and hands it to `Sequence.__call__`, which waits for the decode thread. That thread waits until every running
-sequence has handed its token in (or `GRACE` seconds for a slow one), then reads them all in one forward pass
+and hands it to `Sequence.__call__`. The thread that hands in the last awaited token (or that has waited
+`GRACE` seconds for a slow batch-mate) runs the step for all: no thread of its own, so a request alone decodes
+in its own thread as before, with no hand-over per token. A step reads every due sequence, one forward pass
 per adapter: the KV states of one adapter's sequences are one buffer (rows, kv_heads, capacity, head_size),
 written in place (ONNX Runtime's GroupQueryAttention takes each row's own length from its attention mask, so
 rows of different lengths share it). A sequence that joins copies its prompt's KV states into a free row; one
@@ -24,13 +25,13 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-GRACE = 0.2  # seconds the decode thread waits for a sequence's next token before stepping without it
+GRACE = 0.2  # seconds a due sequence waits for a batch-mate's next token before stepping without it
 PAD = 2  # a token fed to a late row; its KV slot is overwritten by the row's real next token
 CHUNK = 128  # the capacity of a batch's KV buffer grows in steps of this many tokens
 
@@ -45,7 +46,6 @@ class _Row:
     late: bool = False
     closed: bool = False
     result: torch.Tensor | Exception | None = None
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class Sequence:
@@ -105,7 +105,7 @@ class _Batch:
 
 
 class Scheduler:
-    """The decode thread of one ONNX model and its batches of running sequences, one batch per adapter.
+    """The running sequences of one ONNX model, in batches (one per adapter), stepped together.
 
     `session`: the model's `InferenceSession`; `lock`: held around every run of it (prompt reads run in the
     request's thread). `peak`: the most sequences read in one decode step so far (for tests and benches)."""
@@ -121,7 +121,7 @@ class Scheduler:
         self._joining: list[_Row] = []
         self._leaving: list[_Row] = []
         self._batches: dict[int, _Batch] = {}  # id of its adapter's LoRA inputs -> the batch
-        self._thread: threading.Thread | None = None
+        self._stepping = False
         self.peak = 0
 
     def sequence(self, adapter: dict[str, Any], kv: list[np.ndarray], length: int) -> Sequence:
@@ -129,43 +129,62 @@ class Scheduler:
         (1, kv_heads, length, head_size)), to be decoded with the LoRA inputs `adapter` ({}: the base model)."""
         return Sequence(self, _Row(adapter, kv, length))
 
-    def advance(self, row: _Row, token: int) -> torch.Tensor:
-        """Hand in `row`'s next token; the logits after it, once the decode thread has read it."""
-        with self._cond:
-            if row.closed:
-                raise RuntimeError("decoding failed: the sequence was closed")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="llmlab-decode", daemon=True)
-                self._thread.start()
-            if row.slot < 0 and row not in self._joining:
-                self._joining.append(row)
-            row.token, row.late, row.result = token, False, None
-            row.done.clear()
-            self._cond.notify_all()
-        row.done.wait()
-        if isinstance(row.result, Exception):
-            raise RuntimeError(f"decoding failed: {row.result}") from row.result
-        return row.result
-
     def running(self) -> int:
         """How many sequences are decoding (have handed in a token and not ended)."""
         with self._cond:
             return sum(len(b.rows) for b in self._batches.values()) - len(self._leaving) + len(self._joining)
 
+    def advance(self, row: _Row, token: int) -> torch.Tensor:
+        """Hand in `row`'s next token; the logits after it, once a step has read it (run by this thread if
+        it is the last one awaited)."""
+        with self._cond:
+            if row.closed:
+                raise RuntimeError("decoding failed: the sequence was closed")
+            if row.slot < 0 and row not in self._joining:
+                self._joining.append(row)
+            row.token, row.late, row.result = token, False, None
+            self._cond.notify_all()
+        deadline = time.monotonic() + GRACE
+        while True:
+            with self._cond:
+                work = None
+                while work is None and row.result is None:
+                    if row.closed:
+                        raise RuntimeError("decoding failed: the sequence was closed")
+                    if self._stepping:
+                        self._cond.wait()
+                    else:
+                        work = self._due(deadline)
+                if row.result is not None:
+                    result, row.result = row.result, None
+                    if isinstance(result, Exception):
+                        raise RuntimeError(f"decoding failed: {result}") from result
+                    return result
+                self._stepping = True
+            try:
+                self._run(work)
+            finally:
+                with self._cond:
+                    self._stepping = False
+                    self._arrange()
+                    self._cond.notify_all()
+
     def release(self, row: _Row) -> None:
-        """Give a row back (its stream ended or was closed): the decode thread drops it before its next step;
-        its batch-mates go on."""
+        """Give a row back (its stream ended or was closed): dropped before the next step; its batch-mates go
+        on."""
         with self._cond:
             row.closed = True
             if row in self._joining:
                 self._joining.remove(row)
             elif row.slot >= 0:
                 self._leaving.append(row)
+                if not self._stepping:
+                    self._arrange()
                 self._cond.notify_all()
 
-    # -- the decode thread -----------------------------------------------------------------------------------
+    # -- stepping (holding the condition, except for the forward passes) --------------------------------------
     def _arrange(self) -> None:
-        """Drop the rows that left, place the rows that joined (holding the condition)."""
+        """Drop the rows that left, place the rows that joined."""
         for row in self._leaving:
             batch = self._batches[id(row.adapter)]
             batch.remove(row)
@@ -178,48 +197,42 @@ class Scheduler:
             self._batches[id(row.adapter)].place(row)
         self._joining.clear()
 
-    def _due(self) -> list[_Batch]:
-        """Wait (holding the condition) until every row has handed in its token, or `GRACE` seconds after the
-        first did (the others are late: not waited for until they hand theirs in); the batches to step."""
-        deadline = None
-        while True:
-            self._arrange()
-            rows = [r for b in self._batches.values() for r in b.rows]
-            due = [r for r in rows if r.token is not None]
-            awaited = [r for r in rows if r.token is None and not r.late]
-            if due and awaited:
-                deadline = deadline or time.monotonic() + GRACE
-                if time.monotonic() >= deadline:
-                    for row in awaited:
-                        row.late = True
-                    awaited = []
-            if due and not awaited:
-                return [b for b in self._batches.values() if any(r.token is not None for r in b.rows)]
-            self._cond.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    def _due(self, deadline: float) -> list[tuple[_Batch, list[_Row], list[int | None]]] | None:
+        """The step to run now, or None after waiting a while: a step is due when every row has handed in its
+        token, or at `deadline` (the rows still awaited are then late: not waited for until they hand theirs
+        in)."""
+        self._arrange()
+        rows = [r for b in self._batches.values() for r in b.rows]
+        awaited = [r for r in rows if r.token is None and not r.late]
+        if awaited and time.monotonic() < deadline:
+            self._cond.wait(deadline - time.monotonic())
+            return None
+        for row in awaited:
+            row.late = True
+        work = []
+        for batch in self._batches.values():
+            if any(r.token is not None for r in batch.rows):
+                batch.reserve(len(batch.rows), max(r.length for r in batch.rows) + 1)
+                work.append((batch, list(batch.rows), [r.token for r in batch.rows]))
+        return work
 
-    def _loop(self) -> None:
-        while True:
+    def _run(self, work: list[tuple[_Batch, list[_Row], list[int | None]]]) -> None:
+        """Run the steps of `work`, then hand each due row its logits (or the error)."""
+        for batch, rows, tokens in work:
+            try:
+                logits, error = self._step(batch, rows, tokens), None
+            except Exception as exc:  # handed to each sequence of this batch
+                logits, error = None, exc
             with self._cond:
-                work = []
-                for batch in self._due():
-                    batch.reserve(len(batch.rows), max(r.length for r in batch.rows) + 1)
-                    work.append((batch, list(batch.rows), [r.token for r in batch.rows]))
-            for batch, rows, tokens in work:
-                try:
-                    logits, error = self._step(batch, rows, tokens), None
-                except Exception as exc:  # handed to each sequence of this batch
-                    logits, error = None, exc
-                with self._cond:
-                    due = [(i, r) for i, r in enumerate(rows) if tokens[i] is not None]
-                    self.peak = max(self.peak, len(due))
-                    for i, row in due:
-                        if logits is not None:
-                            row.length += 1
-                            row.result = torch.from_numpy(logits[i, -1].astype(np.float32, copy=True))
-                        else:
-                            row.result = error
-                        row.token = None
-                        row.done.set()
+                due = [(i, r) for i, r in enumerate(rows) if tokens[i] is not None]
+                self.peak = max(self.peak, len(due))
+                for i, row in due:
+                    if logits is not None:
+                        row.length += 1
+                        row.result = torch.from_numpy(logits[i, -1].astype(np.float32, copy=True))
+                    else:
+                        row.result = error
+                    row.token = None
 
     def _step(self, batch: _Batch, rows: list[_Row], tokens: list[int | None]) -> np.ndarray:
         """One forward pass over a batch's rows, their KV states updated in place; logits (rows, 1, vocab)."""
