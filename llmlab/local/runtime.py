@@ -34,6 +34,7 @@ import torch
 from llmlab.local.chat_format import END, render
 from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name
 from llmlab.local.prompt_cache import PromptCache
+from llmlab.local.tokenizer import ChatTokenizer
 from llmlab.local.weights import build_weight_cache, load_chat_model
 from llmlab.models import CHAT_MODEL_ID
 from llmlab.paths import llmlab_home
@@ -183,7 +184,9 @@ class ChatRuntime:
         self._lock = threading.Lock()  # one forward pass sequence at a time; guards adapter switches
         self._load_lock = threading.Lock()
         self._model: Any = None
-        self._tokenizer: Any = None
+        self._tokenizer: Any = None  # a ChatTokenizer: what decoding uses, on either engine
+        self._hf_tokenizer: Any = None  # transformers' (training's), loaded when asked for
+        self._weights = Path()
         self._context_length = 0
         self._base_tensors: dict[str, torch.Tensor] = {}
         self._peft: Any = None
@@ -199,34 +202,32 @@ class ChatRuntime:
     # -- loading --------------------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
         """Load the tokenizer and the engine that serves: the ONNX model, or the torch model (on the ONNX
-        engine the torch model is loaded only when training or `model` needs it: a faster first answer)."""
+        engine the torch model is loaded only when training or `model` needs it, and transformers only when
+        `tokenizer` is asked for: a first answer without importing it)."""
         if self._tokenizer is not None:
             return
         with self._load_lock:
             if self._tokenizer is not None:
                 return
-            cache = build_weight_cache(self.home)
+            self._weights = build_weight_cache(self.home)
+            tokenizer = ChatTokenizer(self._weights)
             if self.engine == "onnx":
-                from transformers import AutoTokenizer
-
                 self._onnx = OnnxEngine(build_onnx_model(self.home), threads=self.threads)
-                tokenizer = AutoTokenizer.from_pretrained(cache)
             else:
-                tokenizer = self._load_torch()
-            config = json.loads((cache / "config.json").read_text(encoding="utf-8"))
+                self._load_torch()
+            config = json.loads((self._weights / "config.json").read_text(encoding="utf-8"))
             self._context_length = int(config["max_position_embeddings"])
             self._eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([END])}
             self._tokenizer = tokenizer
 
     def _load_torch(self) -> Any:
-        """Load the torch model (call with the load lock held); its tokenizer."""
-        model, tokenizer = load_chat_model(self.home)
+        """Load the torch model and transformers' tokenizer (call with the load lock held)."""
+        model, self._hf_tokenizer = load_chat_model(self.home)
         self._base_tensors = {
             **dict(model.named_parameters(remove_duplicate=False)),
             **dict(model.named_buffers(remove_duplicate=False)),
         }
         self._model = model
-        return tokenizer
 
     @property
     def model(self) -> Any:
@@ -240,8 +241,16 @@ class ChatRuntime:
 
     @property
     def tokenizer(self) -> Any:
+        """transformers' tokenizer of the model, for training (decoding uses the same files through a
+        `ChatTokenizer`, which gives the same ids and texts without importing transformers)."""
         self._ensure_loaded()
-        return self._tokenizer
+        if self._hf_tokenizer is None:
+            with self._load_lock:
+                if self._hf_tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    self._hf_tokenizer = AutoTokenizer.from_pretrained(self._weights)
+        return self._hf_tokenizer
 
     @property
     def context_length(self) -> int:
@@ -272,7 +281,8 @@ class ChatRuntime:
     # -- tokens ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (chat markers such as `<|im_start|>` are single tokens; no BOS is added)."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        self._ensure_loaded()
+        return self._tokenizer.encode(text)
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
@@ -391,12 +401,10 @@ class ChatRuntime:
 
     def _llguidance_tokenizer(self) -> Any:
         """The tokenizer as llguidance sees it (token bytes), made once."""
-        import llguidance.hf
-
         self._ensure_loaded()
         with self._load_lock:
             if self._ll_tokenizer is None:
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer)
+                self._ll_tokenizer = self._tokenizer.llguidance()
             return self._ll_tokenizer
 
     def _token_bytes(self, token: int) -> bytes:
