@@ -13,15 +13,17 @@ generations; adapters are LoRA weights over the one shared base model, switched 
 onnxruntime-genai imports (the default engine; `LLMLAB_ENGINE=torch` forces torch) every generation and
 log-probability (base or adapter, plain or constrained) runs on an int8 ONNX Runtime GenAI model
 (`engine_onnx`, with its own prompt cache), through the same decoding loop; torch then serves training only.
+
+Over 450 lines, for a reason: the decoding loop and what it runs under (the lock, the loaded engine, the
+adapters it switches, the matcher it masks with) are one job; weights, tokenizer, matchers and the torch
+prompt cache are in modules of their own.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,14 +35,12 @@ import torch
 
 from llmlab.local.chat_format import END, render
 from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name
+from llmlab.local.matchers import Matchers
 from llmlab.local.prompt_cache import PromptCache
 from llmlab.local.tokenizer import ChatTokenizer
 from llmlab.local.weights import build_weight_cache, load_chat_model
 from llmlab.models import CHAT_MODEL_ID
 from llmlab.paths import llmlab_home
-
-# JSON output on one line with readable separators; no free whitespace (small models may loop on it)
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def torch_threads() -> int:
@@ -55,10 +55,6 @@ def torch_threads() -> int:
 
 class ContextLengthExceeded(ValueError):
     """The prompt plus `max_tokens` do not fit in the model's context window."""
-
-
-class GrammarError(ValueError):
-    """A JSON schema or grammar that constrained decoding cannot take."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +106,6 @@ def _penalized(logits: torch.Tensor, counts: torch.Tensor, frequency: float, pre
     [0.0, -1.5, -2.5]
     """
     return logits - counts * frequency - (counts > 0).float() * presence
-
-
-def _grammar_error(error: str) -> str:
-    """llguidance's compile error without its position prefix and grammar listing.
-
-    >>> _grammar_error("at 2(7): failed to compile JSON schema: Pointer '/x' does not exist\\n   1 | start")
-    "failed to compile JSON schema: Pointer '/x' does not exist"
-    """
-    first = error.strip().splitlines()[0] if error.strip() else "invalid grammar"
-    return re.sub(r"^at \d+\(\d+\): ", "", first)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -193,7 +179,7 @@ class ChatRuntime:
         self._adapters: dict[str, Path] = {}
         self._eos: set[int] = set()
         self._ll_tokenizer: Any = None
-        self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._matchers = Matchers(self._llguidance_tokenizer)
         self.prompt_cache = PromptCache()
         self.threads = torch_threads()
         self.engine = engine_name()  # "onnx": every generation on ONNX Runtime GenAI; "torch": on torch
@@ -359,45 +345,11 @@ class ChatRuntime:
         Traceback (most recent call last):
         GrammarError: failed to compile JSON schema: Pointer '/$defs/X' does not exist
         """
-        self._template(None, lark_grammar)
+        self._matchers.compiled(None, lark_grammar)
 
     def _matcher(self, json_schema: dict | None, lark_grammar: str | None) -> Any:
         """A fresh llguidance matcher for the schema or grammar (compiled once, then copied), or None."""
-        if json_schema is None and lark_grammar is None:
-            return None
-        return self._template(json_schema, lark_grammar).deep_copy()
-
-    def _template(self, json_schema: dict | None, lark_grammar: str | None) -> Any:
-        """The compiled llguidance matcher of the schema or grammar, from the cache or compiled now."""
-        import llguidance
-
-        self._ensure_loaded()
-
-        if json_schema is not None:
-            key = ("json", json.dumps(json_schema, sort_keys=True))
-        else:
-            key = ("lark", lark_grammar)
-        ll_tokenizer = self._llguidance_tokenizer()
-        with self._load_lock:
-            template = self._grammars.get(key)
-            if template is None:
-                try:
-                    if json_schema is not None:
-                        grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                            json_schema, defaults=_JSON_STYLE
-                        )
-                    else:
-                        grammar = llguidance.LLMatcher.grammar_from_lark(lark_grammar)
-                except ValueError as exc:
-                    raise GrammarError(_grammar_error(str(exc))) from exc
-                template = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
-                if template.is_error():
-                    raise GrammarError(_grammar_error(template.get_error()))
-                self._grammars[key] = template
-                if len(self._grammars) > 64:
-                    self._grammars.popitem(last=False)
-            self._grammars.move_to_end(key)
-        return template
+        return self._matchers.matcher(json_schema, lark_grammar)
 
     def _llguidance_tokenizer(self) -> Any:
         """The tokenizer as llguidance sees it (token bytes), made once."""
