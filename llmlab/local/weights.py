@@ -90,10 +90,10 @@ def build_weight_cache(home: str | os.PathLike | None = None) -> Path:
     >>> build_weight_cache().name  # doctest: +SKIP
     'SmolLM2-135M-Instruct'
     """
-    from llmlab.progress import weight_cache_progress
-
     cache = (Path(home) if home is not None else llmlab_home()) / "weights" / CHAT_MODEL_ID
     if not (cache / "model.safetensors").exists():
+        from llmlab.progress import weight_cache_progress  # imports tqdm's notebook bars: 0.2 s, when needed
+
         with weight_cache_progress():
             _build_cache(cache)
     return cache
