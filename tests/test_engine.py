@@ -28,10 +28,11 @@ from conftest import TEST_HOME
 
 from llmlab.local.chat_format import render
 from llmlab.local.memory_limit import memory_limit_bytes
-from llmlab.local.runtime import ChatRuntime, build_folder_atomically
+from llmlab.local.runtime import ChatRuntime
 from llmlab.local.server import create_app, serve_app_in_thread
 from llmlab.local.store import Store
 from llmlab.local.toolcalls import plan
+from llmlab.local.weights import build_folder_atomically
 from llmlab.tools import tool
 
 QUESTIONS = [

@@ -169,7 +169,7 @@ def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     >>> build_onnx_model().name  # doctest: +SKIP
     'SmolLM2-135M-Instruct-onnx-uint8-lora-r0'
     """
-    from llmlab.local.runtime import build_folder_atomically, build_weight_cache
+    from llmlab.local.weights import build_folder_atomically, build_weight_cache
     from llmlab.models import CHAT_MODEL_ID
     from llmlab.paths import llmlab_home
 
