@@ -45,7 +45,8 @@ from llmlab.local.memory_limit import memory_is_tight
 
 _log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx")
-MIN_REUSE = 16  # a cached prefix shorter than this is not worth a rewind
+MIN_REUSE = 16  # a kept prefix shorter than this is not worth reusing
+KEPT_TOKENS = 2048  # a longer prompt's KV states (46 KB a token) are not kept
 # the projections of each decoder layer as the builder names them -> the peft modules they hold, in order
 # (the builder packs q, k and v into one MatMul)
 PROJECTIONS = {
@@ -269,7 +270,8 @@ class OnnxEngine:
     decoded at the same time are read together (`batching.Scheduler`: one forward pass per step).
 
     `threads`: ONNX Runtime's intra-op threads (the runtime passes `torch_threads()`). `keep`: how many
-    prompts' KV states are kept for prompts that start like an earlier one; 0 reads every prompt in full.
+    prompts' KV states (up to `KEPT_TOKENS` each) are kept for prompts that start like an earlier one; 0 reads
+    every prompt in full.
     `scheduler.peak`: the most sequences decoded in one step so far.
     """
 
@@ -351,7 +353,7 @@ class OnnxEngine:
             feeds.update(zip(self.scheduler.past_names, past, strict=True))
             feeds.update(self._adapters[adapter])
             logits, *kv = self.session.run(["logits", *self.scheduler.present_names], feeds)
-            if self.keep and len(ids) >= MIN_REUSE:
+            if self.keep and MIN_REUSE <= len(ids) <= KEPT_TOKENS:
                 self._kept.append(_Kept(adapter, list(ids), kv))
                 del self._kept[: -self.keep]
         return logits[0, -keep:], kv, done
