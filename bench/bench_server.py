@@ -85,7 +85,7 @@ def bench_chat(backend, client) -> dict:
 CONCURRENT = [  # questions whose greedy answers run past 64 tokens
     "Explain in a few sentences why the sky is blue.",
     "Write a short story about a robot.",
-    "Explain how a bicycle works.",
+    "Explain how a bicycle works, step by step.",
     "Describe a day at the beach.",
     "What is Python?",
     "Name three colours and describe each.",
