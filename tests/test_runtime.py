@@ -19,7 +19,7 @@ from llmlab.local import chat_format
 from llmlab.local.chat_format import render
 from llmlab.local.embedding_runtime import EmbeddingRuntime
 from llmlab.local.prompt_cache import PromptCache
-from llmlab.local.runtime import ChatRuntime, ContextLengthExceeded, Generation
+from llmlab.local.runtime import ChatRuntime, ContextLengthExceeded, Generation, _sample
 
 CAPITAL = render([{"role": "user", "content": "What is the capital of France?"}])
 
@@ -86,6 +86,23 @@ def test_sampling_with_a_seed_is_reproducible(rt):
     runs = [rt.generate(CAPITAL, temperature=1.2, top_p=0.95, seed=s, max_tokens=12).text for s in (7, 7, 8)]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+def test_sampling_draws_from_the_softmax_within_top_p():
+    """numpy sampling (both engines): seeded draws follow softmax(logits / temperature), `top_p` keeps the
+    likeliest tokens that reach it, a masked (-inf) token is never drawn, and a seed repeats its draws."""
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05, 1e-9]))
+    logits[4] = -np.inf
+
+    def shares(temperature: float, top_p: float, seed: int = 0, n: int = 20000) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return np.bincount([_sample(logits, temperature, top_p, rng) for _ in range(n)], minlength=5) / n
+
+    assert np.abs(shares(1.0, 1.0) - [0.5, 0.3, 0.15, 0.05, 0]).max() < 0.015
+    assert np.abs(shares(1.0, 0.7) - [0.625, 0.375, 0, 0, 0]).max() < 0.015  # 0.5 + 0.3 reach 0.7
+    cooler = np.array([0.5, 0.3, 0.15, 0.05]) ** 2
+    assert np.abs(shares(0.5, 1.0)[:4] - cooler / cooler.sum()).max() < 0.015
+    assert (shares(1.0, 1.0, seed=3, n=50) == shares(1.0, 1.0, seed=3, n=50)).all()
 
 
 def test_max_tokens_ends_with_length(rt):

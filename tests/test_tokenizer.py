@@ -1,5 +1,5 @@
 """The serving tokenizer (`ChatTokenizer`: tokenizer.json through `tokenizers` alone) is transformers' own, and
-a server on the ONNX engine answers chats without importing transformers (a cold start of ~1 s, not ~15).
+a server on the ONNX engine answers chats without importing transformers or torch (a cold start of ~2 s).
 
 Both tokenizers read the chat model's weight cache (built by the session, see conftest). The ids of varied
 texts, the texts of ids (with and without special tokens), the special tokens, and the token bytes llguidance
@@ -91,12 +91,14 @@ client.chat.completions.create(model="gpt-4o-mini", messages=hi, max_tokens=4)
 client.chat.completions.create(model="gpt-4o-mini", messages=hi, max_tokens=8, response_format={"type": "json_object"})
 client.chat.completions.create(model="gpt-4o-mini", messages=hi, max_tokens=8, tools=[tool], tool_choice="auto")
 stop()
-print(json.dumps(sorted(m for m in ("transformers", "sentence_transformers", "peft") if m in sys.modules)))
+print(json.dumps(sorted(m for m in ("torch", "transformers", "sentence_transformers", "peft") if m in sys.modules)))
 """
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime-genai is not installed here")
-def test_the_onnx_engine_serves_chats_without_importing_transformers():
+def test_the_onnx_engine_serves_chats_without_importing_torch_or_transformers():
+    """Plain, JSON-mode and tool-call chats on the ONNX engine: neither torch nor transformers is imported (they
+    cost a cold start seconds; training, the torch engine and embeddings load them when they are needed)."""
     build_onnx_model(TEST_HOME)  # prepared during set-up, as for a learner
     home = Path(tempfile.mkdtemp(prefix="llmlab-cold-test-"))
     (home / "weights").symlink_to((TEST_HOME / "weights").resolve(), target_is_directory=True)

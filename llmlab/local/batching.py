@@ -3,7 +3,7 @@
 >>> scheduler = Scheduler(session, lock, layers=30, kv_heads=3, head_size=64)  # doctest: +SKIP
 >>> sequence = scheduler.sequence(adapter={}, kv=prompt_kv, length=len(ids))  # doctest: +SKIP
 >>> sequence(token).shape  # the logits after one more token; batch-mates are read in the same pass
-torch.Size([49152])
+(49152,)
 
 A request's thread samples its own next token (penalties, grammar mask, stop strings stay in `ChatRuntime`)
 and hands it to `Sequence.__call__`. The thread that hands in the last awaited token (or that has waited
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
 GRACE = 0.2  # seconds a due sequence waits for a batch-mate's next token before stepping without it
 PAD = 2  # a token fed to a late row; its KV slot is overwritten by the row's real next token
@@ -45,7 +44,7 @@ class _Row:
     token: int | None = None  # handed in, not read yet
     late: bool = False
     closed: bool = False
-    result: torch.Tensor | Exception | None = None
+    result: np.ndarray | Exception | None = None
 
 
 class Sequence:
@@ -57,7 +56,7 @@ class Sequence:
         self.close = weakref.finalize(self, scheduler.release, row)
         self._advance = scheduler.advance
 
-    def __call__(self, token: int) -> torch.Tensor:
+    def __call__(self, token: int) -> np.ndarray:
         return self._advance(self._row, token)
 
 
@@ -134,7 +133,7 @@ class Scheduler:
         with self._cond:
             return sum(len(b.rows) for b in self._batches.values()) - len(self._leaving) + len(self._joining)
 
-    def advance(self, row: _Row, token: int) -> torch.Tensor:
+    def advance(self, row: _Row, token: int) -> np.ndarray:
         """Hand in `row`'s next token; the logits after it, once a step has read it (run by this thread if
         it is the last one awaited)."""
         with self._cond:
@@ -229,7 +228,7 @@ class Scheduler:
                 for i, row in due:
                     if logits is not None:
                         row.length += 1
-                        row.result = torch.from_numpy(logits[i, -1].astype(np.float32, copy=True))
+                        row.result = logits[i, -1].astype(np.float32, copy=True)  # its own: masked in place
                     else:
                         row.result = error
                     row.token = None

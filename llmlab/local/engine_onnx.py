@@ -4,7 +4,7 @@
 >>> engine = OnnxEngine(build_onnx_model(home))  # doctest: +SKIP
 >>> logits, advance = engine.start([1, 9690, 198])  # doctest: +SKIP
 >>> logits.shape, advance(28).shape  # doctest: +SKIP
-(torch.Size([1, 49152]), torch.Size([49152]))
+((1, 49152), (49152,))
 
 The model is built once from the float weight cache by ONNX Runtime GenAI's own model builder (~25 s) into
 `home/weights/SmolLM2-135M-Instruct-onnx-uint8-lora-r0/`, beside the float weights it derives from (a home whose
@@ -18,9 +18,10 @@ take the builder's ~25 s and ~270 MB of memory each.)
 The builder's model is then run by ONNX Runtime itself (an `InferenceSession`, not ONNX Runtime GenAI's
 generator, which decodes one batch of equal-length prompts at a time): each prompt is read alone, and the
 sequences being decoded at the same time are read together, one forward pass per step (`batching`).
-The engine only turns token ids into next-token logits; sampling, constrained decoding, stop strings,
-streaming and log-probs stay in `ChatRuntime`, shared with the torch path. Its prompt cache is the KV states
-of the last few prompts: a prompt that starts like an earlier one (same adapter) reads only the rest.
+The engine only turns token ids into next-token logits (numpy arrays: serving on it never imports torch);
+sampling, constrained decoding, stop strings, streaming and log-probs stay in `ChatRuntime`, shared with the
+torch path. Its prompt cache is the KV states of the last few prompts: a prompt that starts like an earlier
+one (same adapter) reads only the rest.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from llmlab.local.memory_limit import memory_is_tight
 
@@ -198,7 +198,7 @@ def export_adapter(adapter_dir: str | os.PathLike, layers: int) -> Path:
     'adapter.onnx_adapter'
     """
     import onnxruntime as ort
-    from safetensors.torch import load_file
+    from safetensors.numpy import load_file  # not torch's: serving a fine-tuned model needs no torch
 
     folder = Path(adapter_dir)
     weights, target = folder / "adapter_model.safetensors", folder / ADAPTER_FILE
@@ -242,18 +242,18 @@ def export_adapter(adapter_dir: str | os.PathLike, layers: int) -> Path:
     return target
 
 
-def _packed(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray, np.ndarray]:
+def _packed(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
     """One branch for modules that share an input: their A side by side, their B block-diagonal.
 
-    >>> a, b = _packed([(torch.ones(4, 2), torch.ones(2, 3)), (torch.ones(4, 2), torch.ones(2, 5))])
+    >>> a, b = _packed([(np.ones((4, 2)), np.ones((2, 3))), (np.ones((4, 2)), np.ones((2, 5)))])
     >>> a.shape, b.shape, float(b[:2, 3:].sum())
     ((4, 4), (4, 8), 0.0)
     """
-    a = np.ascontiguousarray(np.concatenate([p[0].float().numpy() for p in pairs], axis=1), dtype=np.float32)
+    a = np.ascontiguousarray(np.concatenate([p[0] for p in pairs], axis=1), dtype=np.float32)
     b = np.zeros((a.shape[1], sum(p[1].shape[1] for p in pairs)), np.float32)
     row = col = 0
     for _, part in pairs:
-        b[row : row + part.shape[0], col : col + part.shape[1]] = part.float().numpy()
+        b[row : row + part.shape[0], col : col + part.shape[1]] = part
         row, col = row + part.shape[0], col + part.shape[1]
     return a, b
 
@@ -360,7 +360,7 @@ class OnnxEngine:
 
     def start(
         self, ids: list[int], adapter: str | None = None, keep: int = 1
-    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+    ) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
         """Read the prompt `ids` with `adapter` (None: the base model); (the next-token logits of its last
         `keep` positions, (keep, vocab); `advance`), where `advance(token)` reads one more token and gives the
         logits after it, (vocab,), decoded in one batch with the other running sequences (`advance.close()`
@@ -371,5 +371,4 @@ class OnnxEngine:
             raise KeyError(f"adapter {adapter!r} is not loaded")
         lora = self._adapters[adapter]
         logits, kv, _ = self._read(ids, adapter, keep)
-        first = torch.from_numpy(logits.astype("float32", copy=True))
-        return first, self.scheduler.sequence(lora, kv, len(ids))
+        return logits.astype(np.float32, copy=True), self.scheduler.sequence(lora, kv, len(ids))

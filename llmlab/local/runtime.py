@@ -29,10 +29,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from llmlab.local.chat_format import END, render
 from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name
@@ -42,6 +41,9 @@ from llmlab.local.tokenizer import ChatTokenizer
 from llmlab.local.weights import build_weight_cache, load_chat_model
 from llmlab.models import CHAT_MODEL_ID
 from llmlab.paths import llmlab_home
+
+if TYPE_CHECKING:
+    import torch
 
 
 def torch_threads() -> int:
@@ -88,25 +90,49 @@ class TextDelta(str):
         return delta
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """The next token: the most likely at `temperature` 0, else drawn with `rng` from the softmax of
+    `logits / temperature`, cut to the smallest set of likeliest tokens that reaches `top_p`.
+
+    >>> _sample(np.array([0.0, 2.0, 1.0]), 0, 1.0, np.random.default_rng(0))
+    1
+    >>> _sample(np.array([0.0, 2.0, 1.0]), 1.0, 0.5, np.random.default_rng(0))  # top_p keeps token 1 alone
+    1
+    """
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits / temperature, dim=-1)
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+        order = np.argsort(-probs, kind="stable")
+        ranked = probs[order]
+        cumulative = np.cumsum(ranked)
+        cut = int(np.count_nonzero(cumulative - ranked < top_p * cumulative[-1]))  # a prefix of the ranking
+        probs = np.zeros_like(probs)  # always keeps the most likely token
+        probs[order[:cut]] = ranked[:cut]
+    cumulative = np.cumsum(probs)
+    # the first token whose cumulative mass passes a uniform draw (a zero-probability token never does)
+    return int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
 
 
-def _penalized(logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log-probabilities along the last axis.
+
+    >>> _log_softmax(np.log(np.array([1.0, 3.0]))).round(4).tolist()
+    [-1.3863, -0.2877]
+    """
+    top = logits.max(axis=-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+
+
+def _penalized(logits: np.ndarray, counts: np.ndarray, frequency: float, presence: float) -> np.ndarray:
     """OpenAI's repetition penalties: each token's logit minus `frequency` x its count so far and `presence`
     if it occurred at all.
 
-    >>> _penalized(torch.zeros(3), torch.tensor([0.0, 1, 3]), 0.5, 1.0).tolist()
+    >>> _penalized(np.zeros(3, np.float32), np.array([0.0, 1, 3], np.float32), 0.5, 1.0).tolist()
     [0.0, -1.5, -2.5]
     """
-    return logits - counts * frequency - (counts > 0).float() * presence
+    return logits - counts * frequency - (counts > 0) * np.float32(presence)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -250,6 +276,7 @@ class ChatRuntime:
 
         Training wraps it in a PeftModel of its own, so serving never sees a half-trained adapter.
         """
+        import torch
         from transformers import AutoModelForCausalLM
 
         config = self.model.config  # loads the torch model first if only the ONNX engine was loaded
@@ -378,37 +405,41 @@ class ChatRuntime:
             return self._tokenizer.convert_ids_to_tokens(token).encode("utf-8")
         return ll.decode_bytes([token])
 
-    def _token_logprob(self, logits: torch.Tensor, token: int, top: int) -> dict:
+    def _token_logprob(self, logits: np.ndarray, token: int, top: int) -> dict:
         """OpenAI's `ChatCompletionTokenLogprob` of `token` under `logits`, with its `top` alternatives."""
-        logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = _log_softmax(logits)
 
         def entry(t: int, logprob: float) -> dict:
             raw = self._token_bytes(t)
             return {"token": raw.decode("utf-8", errors="replace"), "bytes": list(raw), "logprob": logprob}
 
-        best = torch.topk(logprobs, top) if top else None
-        alternatives = [] if best is None else zip(best.indices.tolist(), best.values.tolist(), strict=True)
+        best = np.argpartition(logprobs, -top)[-top:] if top else np.arange(0)
+        best = best[np.argsort(-logprobs[best], kind="stable")]
+        alternatives = zip(best.tolist(), logprobs[best].tolist(), strict=True)
         return {
             **entry(token, float(logprobs[token])),
             "top_logprobs": [entry(t, lp) for t, lp in alternatives if lp > float("-inf")],
         }
 
     @staticmethod
-    def _mask(logits: torch.Tensor, matcher: Any) -> None:
+    def _mask(logits: np.ndarray, matcher: Any) -> None:
+        """Set the logits of the tokens `matcher` does not allow now to -inf, in place."""
         bits = np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
-        allowed = torch.from_numpy(bits[: logits.shape[-1]].astype(bool))
-        logits.masked_fill_(~allowed, float("-inf"))
+        logits[bits[: logits.shape[-1]] == 0] = -np.inf
 
     # -- generation -----------------------------------------------------------------------------------------
-    def _forward(self, ids: list[int], cache: Any, keep: int = 1) -> torch.Tensor:
-        """Read `ids` into `cache`; the logits of the last `keep` positions, (keep, vocab)."""
+    def _forward(self, ids: list[int], cache: Any, keep: int = 1) -> np.ndarray:
+        """Read `ids` into `cache` on torch; the logits of the last `keep` positions, (keep, vocab), as a numpy
+        view of torch's own."""
+        import torch
+
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)  # per thread: a stream may resume in another one
         with torch.no_grad():
             out = self._model(input_ids=torch.tensor([ids]), cache=cache, use_cache=True, logits_to_keep=keep)
-            return out.logits[0].float()
+            return out.logits[0].float().numpy()
 
-    def _read_prompt(self, ids: list[int], adapter: str | None, keep: int = 1) -> tuple[torch.Tensor, Any]:
+    def _read_prompt(self, ids: list[int], adapter: str | None, keep: int = 1) -> tuple[np.ndarray, Any]:
         """Read a prompt, reusing a cached prefix; (logits of the last `keep` positions, the cache).
 
         Call with the lock held and `adapter` in use."""
@@ -419,7 +450,7 @@ class ChatRuntime:
 
     def _decoder(
         self, ids: list[int], adapter: str | None, keep: int = 1
-    ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
+    ) -> tuple[np.ndarray, Callable[[int], np.ndarray]]:
         """Read the prompt `ids`: (the next-token logits of its last `keep` positions, (keep, vocab);
         `advance(token)` giving the logits after one more, (vocab,)), on the ONNX engine when it is on
         (the default where it imports; `advance` then decodes in one batch with the other running requests and
@@ -449,11 +480,13 @@ class ChatRuntime:
         final `Generation`. Close the generator (`.close()`) to stop early and release the lock.
 
         `max_tokens` None: the room left in the context. `temperature` 0 is greedy; `seed` makes sampling
-        reproducible; `stop` strings cut the text (finish_reason "stop"); `json_schema` / `lark_grammar`
+        reproducible on the same engine (numpy's `default_rng(seed)`: since sampling left torch a seed gives
+        other samples than it did before); `stop` strings cut the text (finish_reason "stop"); `json_schema` / `lark_grammar`
         constrain the output with llguidance. `logprobs` (0–20 top alternatives) gives each delta the
         log-probabilities of the tokens it completes (of the distribution sampled from, before temperature).
         `frequency_penalty` / `presence_penalty` (-2 to 2, OpenAI's) lower the logits of tokens already
-        generated, by their count / once.
+        generated, by their count / once. The loop works on numpy logits on both engines (torch's are handed
+        over as a view), so serving on the ONNX engine never imports torch.
         """
         self._ensure_loaded()
         ids = self.encode(prompt)
@@ -462,8 +495,7 @@ class ChatRuntime:
         stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         matcher = self._matcher(json_schema, lark_grammar)
         handout = _Handout() if logprobs is not None else None
-        generator = torch.Generator()
-        generator.manual_seed(seed if seed is not None else generator.seed())
+        rng = np.random.default_rng(seed)
         tokens: list[int] = []
         text, emitted, finish = "", 0, "length"
         with self._serving(adapter) as held:
@@ -472,13 +504,13 @@ class ChatRuntime:
                 held.callback(advance.close)  # its row in the batch, given back however the stream ends
             logits = logits[-1]
             # how often each token was generated, when a penalty is asked for
-            counts = torch.zeros(logits.shape[-1]) if frequency_penalty or presence_penalty else None
+            counts = np.zeros(logits.shape[-1], np.float32) if frequency_penalty or presence_penalty else None
             while len(tokens) < max_tokens:
                 if counts is not None:
                     logits = _penalized(logits, counts, frequency_penalty, presence_penalty)
                 if matcher is not None:
                     self._mask(logits, matcher)
-                token = _sample(logits, temperature, top_p, generator)
+                token = _sample(logits, temperature, top_p, rng)
                 if matcher is not None and not matcher.consume_token(token):
                     raise RuntimeError(f"constrained decoding failed: {matcher.get_error()}")
                 if token in self._eos:
@@ -530,5 +562,5 @@ class ChatRuntime:
         self.check_room(len(head) + len(tail), 0)
         with self._serving(adapter):
             logits, _ = self._decoder(head + tail, adapter, keep=len(tail) + 1)
-        logprobs = torch.log_softmax(logits[:-1], dim=-1)
-        return float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())
+        logprobs = _log_softmax(logits[:-1].astype(np.float64))
+        return float(logprobs[np.arange(len(tail)), tail].sum())
