@@ -1,6 +1,10 @@
 """Benchmark the server's cold start: a new server process -> ready -> first chat answer, ONNX vs torch engine.
 
     python bench/bench_cold_start.py          # prints a table, writes bench/results/cold_start.json
+    python bench/bench_cold_start.py --base /tmp/base   # also the ONNX engine of another tree ("onnx@base")
+
+`--base TREE`: a checkout of an earlier commit (e.g. `git archive <commit> llmlab | tar -x -C /tmp/base`), whose
+`llmlab` the server then runs from, in the same rounds: a before/after under the same load.
 
 The weights are prepared as set-up leaves them (`~/.cache/llmlab/weights`: the float cache and the int8 ONNX
 model), so this is the first chat after set-up (issue 16's target: under 3 s). Each run starts
@@ -14,6 +18,7 @@ what they import).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -42,10 +47,11 @@ HEAVY = (
 )
 
 
-def one_start(engine: str, importtime: bool = False) -> dict:
-    """Start a server on a fresh home; seconds from process start to ready and to the first chat answer."""
+def one_start(engine: str, importtime: bool = False, tree: str = str(REPO_ROOT)) -> dict:
+    """Start a server (its `llmlab` from `tree`) on a fresh home; seconds from process start to ready and to the
+    first chat answer."""
     home = fresh_home()
-    env = {**os.environ, "LLMLAB_ENGINE": engine, "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "LLMLAB_ENGINE": engine, "PYTHONPATH": tree}
     log = home / "server.log"
     command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "llmlab.local.process"]
     start = time.perf_counter()
@@ -101,33 +107,41 @@ def import_seconds(report: str) -> dict:
 
 
 def main() -> None:
-    runs: dict[str, list[dict]] = {engine: [] for engine in ENGINES}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base", help="a tree of an earlier commit: its ONNX engine is measured too")
+    args = parser.parse_args()
+    setups = {engine: (engine, str(REPO_ROOT)) for engine in ENGINES}
+    if args.base:
+        setups["onnx@base"] = ("onnx", args.base)
+    runs: dict[str, list[dict]] = {name: [] for name in setups}
     for _ in range(REPEATS):
-        for engine in ENGINES:
-            runs[engine].append(one_start(engine))
-    profiled = {engine: one_start(engine, importtime=True) for engine in ENGINES}
+        for name, (engine, tree) in setups.items():
+            runs[name].append(one_start(engine, tree=tree))
+    profiled = {
+        name: one_start(engine, importtime=True, tree=tree) for name, (engine, tree) in setups.items()
+    }
     results = {}
-    for engine in ENGINES:
-        ready = statistics.median(r["ready_s"] for r in runs[engine])
-        first = statistics.median(r["first_answer_s"] for r in runs[engine])
-        prof = profiled[engine]
-        results[engine] = {
+    for name in setups:
+        ready = statistics.median(r["ready_s"] for r in runs[name])
+        first = statistics.median(r["first_answer_s"] for r in runs[name])
+        prof = profiled[name]
+        results[name] = {
             "ready_s": ready,
             "first_answer_s": first,
-            "runs": runs[engine],
+            "runs": runs[name],
             "importtime_run": prof,
             "import_share": prof["import_s"] / prof["first_answer_s"],
         }
     results["target_first_answer_s"] = 3.0
     results["machine"] = {"cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
     print(
-        f"{'engine':8}{'ready s':>10}{'first answer s':>16}{'import share':>14}  imports (s, -X importtime run)"
+        f"{'engine':10}{'ready s':>10}{'first answer s':>16}{'import share':>14}  imports (s, -X importtime run)"
     )
-    for engine in ENGINES:
-        r = results[engine]
+    for name in setups:
+        r = results[name]
         heavy = ", ".join(f"{k} {v:.1f}" for k, v in r["importtime_run"]["imports"].items())
         print(
-            f"{engine:8}{r['ready_s']:>10.2f}{r['first_answer_s']:>16.2f}{r['import_share']:>14.0%}  {heavy}"
+            f"{name:10}{r['ready_s']:>10.2f}{r['first_answer_s']:>16.2f}{r['import_share']:>14.0%}  {heavy}"
         )
     print(f"target: first answer < {results['target_first_answer_s']:.0f} s")
     atomic_write_text(

@@ -13,13 +13,15 @@ models; errors have OpenAI's body ``{"error": {"message", "type", "param", "code
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import json
 import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
@@ -69,9 +71,14 @@ class LocalBackend:
 # -- chat: the chat service answers, the route sends its chunks as server-sent events ----------------------------
 def _sse(chunks: Chunks) -> StreamingResponse:
     """`chunks` as server-sent events, then `[DONE]`. An error once the stream has begun (its status is sent)
-    is an event with OpenAI's error body, which ends the stream; a client that hangs up closes `chunks`."""
+    is an event with OpenAI's error body, which ends the stream.
 
-    def body() -> Iterator[str]:
+    A pump thread draws the events and hands them to the response. A client that hangs up cancels the response
+    (Starlette), which tells the pump: it closes `chunks` after the chunk it is drawing, so the runtime's stream
+    ends within a token or two (Starlette's own thread pool would leave the iterator to the garbage collector,
+    and the model generating for seconds)."""
+
+    def events() -> Iterator[str]:
         try:
             for chunk in chunks:
                 yield f"data: {json.dumps(chunk)}\n\n"
@@ -82,6 +89,30 @@ def _sse(chunks: Chunks) -> StreamingResponse:
         finally:
             chunks.close()
         yield "data: [DONE]\n\n"
+
+    async def body() -> AsyncIterator[str]:
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Queue[str | None] = asyncio.Queue()
+        gone = threading.Event()
+
+        def pump() -> None:
+            lines = events()
+            try:
+                for line in lines:
+                    loop.call_soon_threadsafe(ready.put_nowait, line)
+                    if gone.is_set():
+                        break
+            finally:
+                lines.close()
+                with contextlib.suppress(RuntimeError):  # the event loop has closed: the server stopped
+                    loop.call_soon_threadsafe(ready.put_nowait, None)
+
+        threading.Thread(target=pump, name="llmlab-sse", daemon=True).start()
+        try:
+            while (line := await ready.get()) is not None:
+                yield line
+        finally:
+            gone.set()
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
