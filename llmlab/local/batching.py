@@ -2,8 +2,10 @@
 
 >>> scheduler = Scheduler(session, lock, layers=30, kv_heads=3, head_size=64)  # doctest: +SKIP
 >>> sequence = scheduler.sequence(adapter={}, kv=prompt_kv, length=len(ids))  # doctest: +SKIP
->>> sequence(token).shape  # the logits after one more token; batch-mates are read in the same pass
+>>> sequence(token).shape  # doctest: +SKIP
 (49152,)
+
+`sequence(token)`: the logits after one more token (its batch-mates are read in the same pass).
 
 A request's thread samples its own next token (penalties, grammar mask, stop strings stay in `ChatRuntime`)
 and hands it to `Sequence.__call__`. The thread that hands in the last awaited token (or that has waited
