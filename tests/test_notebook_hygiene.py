@@ -58,11 +58,6 @@ CONSTANTS = {
     "about 200,000 of them": "the size of o200k_base, gpt-4o-mini's vocabulary",
     "65,536-token limit": "OpenAI's per-example limit when fine-tuning gpt-4o-mini",
 }
-# Skipped as a whole, with the issue that will bring it back. Nothing else may be.
-PROSE_NOT_CHECKED = {
-    "07_compare_and_combine.ipynb": "issue 17: its prose numbers are all computed now; this goes once a saved run "
-    "on all questions is committed (its header's run time must be in that run's output)"
-}
 
 
 def _text(value) -> str:
@@ -142,8 +137,6 @@ def unshown_numbers(nb: dict) -> list[str]:
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
 def test_numbers_in_prose_are_in_the_outputs(notebook):
-    if notebook.name in PROSE_NOT_CHECKED:
-        pytest.skip(PROSE_NOT_CHECKED[notebook.name])
     found = unshown_numbers(json.loads(notebook.read_text(encoding="utf-8")))
     assert not found, "\n".join(found)
 
@@ -168,9 +161,6 @@ def test_the_prose_rule_checks_claims_not_structure():
     )
     assert unshown_numbers(notebook(structure, "nothing\n")) == []
     assert unshown_numbers(notebook("It took about a minute, 101 s.", "took 100.7 s\n")) != []
-    assert set(PROSE_NOT_CHECKED) <= {"07_compare_and_combine.ipynb"}, (
-        "only 07 waits for its saved run (issue 17)"
-    )
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
@@ -284,7 +274,10 @@ def test_header_says_how_long_the_saved_run_took(notebook):
 
 def test_the_run_time_rule_reads_the_saved_timings():
     def notebook(header, seconds):
-        timing = {"iopub.execute_input": "2026-12-02T07:00:00Z", "shell.execute_reply": "2026-12-02T07:00:00Z"}
+        timing = {
+            "iopub.execute_input": "2026-12-02T07:00:00Z",
+            "shell.execute_reply": "2026-12-02T07:00:00Z",
+        }
         last = {**timing, "shell.execute_reply": f"2026-12-02T07:{seconds // 60:02d}:{seconds % 60:02d}Z"}
         return {
             "cells": [
