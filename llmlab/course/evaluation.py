@@ -257,7 +257,7 @@ def openai_cost(requests: Iterable[dict], model: str = CHAT_MODEL) -> float:
 
 
 def evaluate(
-    systems: dict[str, System], questions: pd.DataFrame, progress: bool = True, workers: int = 8
+    systems: dict[str, System], questions: pd.DataFrame, progress: bool = True, workers: int = 1
 ) -> pd.DataFrame:
     """Ask every system every question; one row per (technique, question) with the answer and its score.
 
@@ -265,9 +265,9 @@ def evaluate(
     `retrieved`: for a system that retrieves, whether its context holds the question's key facts (so a
     wrong answer is a reading failure when True, a retrieval failure when False); None for the others.
 
-    Up to `workers` questions are in flight at once (threads; the rows keep the order of systems and
-    questions), so a server that decodes concurrent requests together answers them in fewer passes;
-    `seconds` is then each answer's time under that load. `workers=1` asks one question at a time.
+    With `workers` > 1, that many questions are in flight at once (threads; the rows keep the order of systems
+    and questions), for a server that decodes concurrent requests together; `seconds` then includes the time
+    an answer waited behind the others, so compare latencies only from runs with `workers=1` (the default).
     """
     pairs = [(name, q) for name in systems for q in questions.itertuples(index=False)]
 
