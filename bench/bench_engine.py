@@ -39,8 +39,10 @@ from llmlab.course.questions import contains_facts, load_questions  # noqa: E402
 from llmlab.index import Hit  # noqa: E402
 from llmlab.local.chat_format import render  # noqa: E402
 from llmlab.local.engine_onnx import build_onnx_model  # noqa: E402
-from llmlab.local.runtime import ChatRuntime, PromptCache, load_chat_model  # noqa: E402
+from llmlab.local.prompt_cache import PromptCache  # noqa: E402
+from llmlab.local.runtime import ChatRuntime  # noqa: E402
 from llmlab.local.training import LORA_ALPHA, LORA_RANK  # noqa: E402
+from llmlab.local.weights import load_chat_model  # noqa: E402
 from llmlab.models import smollm2_gguf_path  # noqa: E402
 from llmlab.paths import REPO_ROOT, atomic_write_text  # noqa: E402
 from llmlab.rag import build_prompt  # noqa: E402

@@ -25,7 +25,8 @@ from _memory import peak_mb
 
 from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render
-from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime
+from llmlab.local.embedding_runtime import EmbeddingRuntime
+from llmlab.local.runtime import ChatRuntime
 from llmlab.models import minilm_path, smollm2_gguf_path
 from llmlab.paths import REPO_ROOT, atomic_write_text, llmlab_home
 
@@ -162,7 +163,7 @@ def serving_rss() -> dict:
     """
     code = (
         f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from _memory import peak_mb; "
-        "from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime; "
+        "from llmlab.local.runtime import ChatRuntime; from llmlab.local.embedding_runtime import EmbeddingRuntime; "
         "from llmlab.local.chat_format import render; rt = ChatRuntime(); "
         "rt.generate(render([{'role': 'user', 'content': 'Hi'}]), max_tokens=32); "
         "EmbeddingRuntime().embed(['some text'] * 64); "

@@ -6,7 +6,11 @@
   (target: overhead under 10%, i.e. ratio >= 0.9);
 - embedding texts/s through the server (the SDK's default base64) vs raw sentence-transformers (>= 0.9x);
 - peak RSS of one server process serving chat + embeddings, then also running a tutorial-size LoRA job
-  (16 examples of data/qa_train.jsonl, batch 4, one epoch) through the API (target < 1.5 GB), in a fresh child process.
+  (16 examples of data/qa_train.jsonl, batch 4, one epoch) through the API (target < 1.5 GB), in a fresh child process;
+- concurrency (issue 16): 8 chat requests of 64 greedy tokens sent at once vs one alone, wall time through the
+  server and the openai client (target: ratio <= 3), with the engine's peak batch and one stream's tokens/s.
+
+    python bench/bench_server.py --concurrency-only   # that part only, updated in server.json
 """
 
 from __future__ import annotations
@@ -17,10 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from _homes import fresh_home
 from _memory import peak_mb
+
+from llmlab.paths import atomic_write_text
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -73,6 +80,77 @@ def bench_chat(backend, client) -> dict:
         "server_tokens_per_s": server_tps,
         "ratio": server_tps / direct_tps,
     }
+
+
+CONCURRENT = [  # questions whose greedy answers run past 64 tokens
+    "Explain in a few sentences why the sky is blue.",
+    "Write a short story about a robot.",
+    "Explain how a bicycle works, step by step.",
+    "Describe a day at the beach.",
+    "What is Python?",
+    "Name three colours and describe each.",
+    "Write a letter to a friend about your holiday.",
+    "Explain how plants make food.",
+]
+
+
+def bench_concurrency(backend, client, tokens: int = 64) -> dict:
+    """8 requests of `tokens` greedy tokens at once vs each alone: wall times and their ratio."""
+    runtime = backend.models.chat()
+
+    def ask(question: str) -> tuple[float, int]:
+        start = time.perf_counter()
+        reply = client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": question}],
+            max_tokens=tokens,
+            temperature=0,
+        )
+        return time.perf_counter() - start, reply.usage.completion_tokens
+
+    ask(CONCURRENT[0])  # load and warm up
+    alone = [ask(q) for q in CONCURRENT]
+    one = statistics.median(t for t, _ in alone)
+    engine = getattr(runtime, "_onnx", None)
+    if engine is not None and hasattr(engine, "scheduler"):
+        engine.scheduler.peak = 0
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(CONCURRENT)) as pool:
+        together = list(pool.map(ask, CONCURRENT))
+    eight = time.perf_counter() - start
+    return {
+        "engine": runtime.engine,
+        "one_request_s": one,
+        "one_stream_tokens_per_s": statistics.median(n / t for t, n in alone),
+        "eight_concurrent_s": eight,
+        "ratio": eight / one,
+        "completion_tokens_alone": [n for _, n in alone],
+        "completion_tokens_together": [n for _, n in together],
+        "peak_batch": engine.scheduler.peak if engine is not None and hasattr(engine, "scheduler") else 1,
+    }
+
+
+def print_concurrency(result: dict) -> None:
+    print(f"{'concurrency (' + result['engine'] + ')':<42}{'8 at once':>12}{'one':>12}{'ratio':>8}  target")
+    print(
+        f"{'wall s, 8 x 64 greedy tokens vs 1':<42}{result['eight_concurrent_s']:>12.2f}"
+        f"{result['one_request_s']:>12.2f}{result['ratio']:>8.2f}  <= 3.00"
+    )
+    print(f"{'one stream tokens/s (server)':<42}{'':>12}{result['one_stream_tokens_per_s']:>12.1f}")
+    print(f"{'peak batch (sequences in one decode step)':<42}{result['peak_batch']:>12}")
+
+
+def concurrency_only() -> None:
+    """Measure the concurrency part alone and update it in server.json."""
+    backend, client, stop = _start(fresh_home())
+    result = bench_concurrency(backend, client)
+    stop()
+    print_concurrency(result)
+    out = REPO / "bench" / "results" / "server.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results["concurrency"] = result
+    atomic_write_text(out, json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
 
 
 def bench_embeddings(client) -> dict:
@@ -134,6 +212,7 @@ def memory_child() -> None:
 def main() -> None:
     backend, client, stop = _start(fresh_home())
     chat = bench_chat(backend, client)
+    concurrency = bench_concurrency(backend, client)
     embeddings = bench_embeddings(client)
     stop()
     child = subprocess.run(
@@ -142,6 +221,7 @@ def main() -> None:
     memory = json.loads(child.stdout.strip().splitlines()[-1])
     results = {
         "chat": chat,
+        "concurrency": concurrency,
         "embeddings": embeddings,
         "memory": {
             **memory,
@@ -159,6 +239,7 @@ def main() -> None:
         f"{'embedding texts/s (vs sentence-transformers)':<42}{embeddings['server_texts_per_s']:>12.1f}"
         f"{embeddings['raw_texts_per_s']:>12.1f}{embeddings['ratio']:>8.2f}  >= 0.90"
     )
+    print_concurrency(concurrency)
     print(f"{'peak RSS MB, serving':<42}{memory['serving_peak_rss_mb']:>12.0f}")
     print(
         f"{'peak RSS MB, serving + LoRA job (batch 4)':<42}{memory['serving_and_training_peak_rss_mb']:>12.0f}"
@@ -171,4 +252,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    memory_child() if "--memory-child" in sys.argv else main()
+    if "--memory-child" in sys.argv:
+        memory_child()
+    elif "--concurrency-only" in sys.argv:
+        concurrency_only()
+    else:
+        main()

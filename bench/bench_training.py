@@ -24,7 +24,8 @@ from _memory import peak_mb
 
 from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render
-from llmlab.local.runtime import ChatRuntime, EmbeddingRuntime, torch_threads
+from llmlab.local.embedding_runtime import EmbeddingRuntime
+from llmlab.local.runtime import ChatRuntime, torch_threads
 from llmlab.local.training import LORA_ALPHA, LORA_RANK, encode_example, train_lora
 from llmlab.paths import REPO_ROOT, atomic_write_text, llmlab_home
 

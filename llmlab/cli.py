@@ -36,7 +36,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
     if args.build_cache:
         from llmlab.local.engine_onnx import build_onnx_model, engine_name
-        from llmlab.local.runtime import build_weight_cache
+        from llmlab.local.weights import build_weight_cache
 
         build_weight_cache()
         if engine_name() == "onnx":

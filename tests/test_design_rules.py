@@ -113,7 +113,7 @@ def test_notebooks_reach_models_only_through_the_api():
 def test_the_notebook_rule_catches_a_backend_import(tmp_path):
     cells = [
         {"cell_type": "code", "source": [line]}
-        for line in ("x = 1\n", "from llmlab.local.runtime import build_weight_cache\n")
+        for line in ("x = 1\n", "from llmlab.local.weights import build_weight_cache\n")
     ]
     cells += [{"cell_type": "code", "source": ["if True:\n", "    from llmlab.local import chat_format\n"]}]
     cells += [{"cell_type": "markdown", "source": ["from llmlab.local import chat_format"]}]

@@ -16,6 +16,8 @@ import math
 import shutil
 import sys
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import onnx
@@ -26,10 +28,11 @@ from conftest import TEST_HOME
 
 from llmlab.local.chat_format import render
 from llmlab.local.memory_limit import memory_limit_bytes
-from llmlab.local.runtime import ChatRuntime, build_folder_atomically
+from llmlab.local.runtime import ChatRuntime
 from llmlab.local.server import create_app, serve_app_in_thread
 from llmlab.local.store import Store
 from llmlab.local.toolcalls import plan
+from llmlab.local.weights import build_folder_atomically
 from llmlab.tools import tool
 
 QUESTIONS = [
@@ -150,8 +153,8 @@ def test_engine_logits_follow_torch_fp32(onnx_server, torch_runtime):
         prompt = render([{"role": "user", "content": question}])
         ids = torch_runtime.encode(prompt)
         answer = torch_runtime.encode(torch_runtime.generate(prompt, temperature=0, max_tokens=16).text)
-        mine, advance = runtime._onnx.start(ids, max_length=len(ids) + len(answer) + 1)
-        theirs, step = torch_runtime._decoder(ids, None, len(answer))
+        mine, advance = runtime._onnx.start(ids)
+        theirs, step = torch_runtime._decoder(ids, None)
         mine, theirs = mine[-1], theirs[-1]
         for token in answer:
             kld = torch.sum(theirs.softmax(-1) * (theirs.log_softmax(-1) - mine.log_softmax(-1)))
@@ -332,8 +335,8 @@ def test_the_auto_decision_log_probability_comes_from_the_engine(onnx_server, to
 
 
 def test_a_shared_prompt_prefix_is_read_once(onnx_server):
-    """Requests sharing a long system prompt: the second rewinds the engine's kept generator instead of
-    re-reading, and answers exactly as a cold engine does."""
+    """Requests sharing a long system prompt: the second reads only what follows the kept prompt's KV states,
+    and answers exactly as a cold engine does."""
     client, runtime = onnx_server
     system = "You are the assistant of Fernhollow. " + " ".join(
         f"Rule {i}: be kind and brief." for i in range(40)
@@ -341,14 +344,14 @@ def test_a_shared_prompt_prefix_is_read_once(onnx_server):
     messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTIONS[1]}]
     first = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
     engine, reads = runtime._onnx, []
-    original = engine._generator
+    original = engine._read
 
     def spy(ids, *args):
-        generator, done = original(ids, *args)
+        logits, kv, done = original(ids, *args)
         reads.append((len(ids), done))
-        return generator, done
+        return logits, kv, done
 
-    engine._generator = spy
+    engine._read = spy
     try:
         messages[-1]["content"] = QUESTIONS[0]
         warm = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
@@ -356,7 +359,7 @@ def test_a_shared_prompt_prefix_is_read_once(onnx_server):
         engine._kept = []
         cold = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
     finally:
-        del engine._generator
+        del engine._read
         engine.keep, engine._kept = 2, kept
     (prompt, cached), (_, none) = reads
     assert first.usage.prompt_tokens > 300 and prompt - cached < 40 and none == 0, reads  # the question only
@@ -415,7 +418,7 @@ def test_an_unreadable_adapter_fails_that_model_only(onnx_finetuned, ft_examples
 
 
 def test_a_large_max_tokens_grows_the_kv_states_as_needed(onnx_server):
-    """max_tokens beyond `SHARED_KV`: the KV states grow instead of being allocated for 8,000 tokens."""
+    """A large max_tokens: the KV states grow as the answer does instead of being allocated for 8,000 tokens."""
     client, _ = onnx_server
     small = ask(client, QUESTIONS[2], temperature=0, max_tokens=64, stop=["\n"]).choices[0]
     large = ask(client, QUESTIONS[2], temperature=0, max_tokens=8000, stop=["\n"]).choices[0]
@@ -444,3 +447,131 @@ def test_repetition_penalties_apply_on_both_engines(onnx_server, torch_runtime):
             ask(client, QUESTIONS[0], temperature=0, max_tokens=60, **penalty).choices[0].message.content
         )
         assert repeats(runtime, penalized) < repeats(runtime, plain), (plain, penalized)
+
+
+# -- requests running at the same time are decoded in one batch ---------------------------------------------
+LONG = ["Write a short story about a robot.", "Explain how a bicycle works.", "Describe a day at the beach."]
+
+
+def together(*calls):
+    """Run the calls at the same time (one thread each); their results, in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        return [future.result() for future in [pool.submit(call) for call in calls]]
+
+
+def content(reply: openai.types.chat.ChatCompletion) -> tuple:
+    """What a reply says: its text, its tool calls, its finish reason and token counts."""
+    message, usage = reply.choices[0].message, reply.usage
+    calls = [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+    return (
+        message.content,
+        calls,
+        reply.choices[0].finish_reason,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+    )
+
+
+def test_concurrent_requests_are_decoded_together_each_as_alone(onnx_server):
+    """8 greedy requests at once: read in shared decode steps (the engine's peak batch), each answer exactly the
+    one it gets alone (a batched row's int8 logits are those of the row alone)."""
+    client, runtime = onnx_server
+    questions = [*QUESTIONS, *LONG, "Name three colours.", "What is Python?"]
+    calls = [lambda q=q: ask(client, q, temperature=0, max_tokens=40) for q in questions]
+    alone = [content(call()) for call in calls]
+    runtime._onnx.scheduler.peak = 0
+    batched = [content(reply) for reply in together(*calls)]
+    assert batched == alone
+    assert runtime._onnx.scheduler.peak >= 2, runtime._onnx.scheduler.peak  # typically all 8
+
+
+def test_a_stream_closed_mid_batch_leaves_its_batch_mates_whole(onnx_server):
+    """A client hangs up on its stream while its batch-mates decode: they finish with their full answers, its row
+    is given back, and the server keeps serving."""
+    client, runtime = onnx_server
+    calls = [lambda q=q: ask(client, q, temperature=0, max_tokens=60) for q in LONG]
+    alone = [content(call()) for call in calls]
+
+    def hang_up() -> int:
+        stream = ask(client, QUESTIONS[0], temperature=0, max_tokens=200, stream=True)
+        chunks = [chunk for chunk, _ in zip(stream, range(5), strict=False)]
+        stream.close()
+        return len(chunks)
+
+    runtime._onnx.scheduler.peak = 0
+    *replies, received = together(*calls, hang_up)
+    assert [content(reply) for reply in replies] == alone and received == 5
+    assert runtime._onnx.scheduler.peak >= 2
+    assert ask(client, QUESTIONS[1], temperature=0, max_tokens=12).choices[0].message.content
+    for _ in range(1200):  # the hung-up row is given back once the server notices the hang-up
+        if runtime._onnx.scheduler.running() == 0:
+            break
+        time.sleep(0.05)
+    assert runtime._onnx.scheduler.running() == 0
+
+
+def test_closing_a_stream_gives_its_row_back_at_once(onnx_server):
+    """Two streams decoding, one closed mid-answer (what the server does when its client hangs up): its row goes
+    at once, the other streams on to the answer it gives alone."""
+    _, runtime = onnx_server
+    prompts = [render([{"role": "user", "content": question}]) for question in LONG[:2]]
+    alone = runtime.generate(prompts[1], temperature=0, max_tokens=30)
+    closed, kept = (runtime.stream(prompt, temperature=0, max_tokens=30) for prompt in prompts)
+    pieces = [next(kept)]
+    for _ in range(3):
+        next(closed)
+        pieces.append(next(kept))
+    assert runtime._onnx.scheduler.running() == 2
+    closed.close()
+    assert runtime._onnx.scheduler.running() == 1
+    with pytest.raises(StopIteration) as done:
+        while True:
+            pieces.append(next(kept))
+    assert "".join(pieces) == alone.text and done.value.value == alone
+    assert runtime._onnx.scheduler.running() == 0
+
+
+def test_constrained_and_plain_requests_share_a_batch(onnx_server):
+    """A JSON-schema request, a tool call and plain requests at once: each comes out as it does alone."""
+    client, runtime = onnx_server
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"]}
+    schema_format = {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
+    calls = [
+        lambda: ask(
+            client,
+            "The capital of France, as JSON with a key city.",
+            temperature=0,
+            max_tokens=30,
+            response_format=schema_format,
+        ),
+        lambda: ask(
+            client,
+            "What is the weather in Paris? Use the weather tool.",
+            temperature=0,
+            max_tokens=60,
+            tools=[tool(weather).schema],
+            tool_choice="required",
+        ),
+        *[lambda q=q: ask(client, q, temperature=0, max_tokens=40) for q in LONG],
+    ]
+    alone = [content(call()) for call in calls]
+    runtime._onnx.scheduler.peak = 0
+    assert [content(reply) for reply in together(*calls)] == alone
+    assert json.loads(alone[0][0]) == {"city": "Paris"} and alone[1][1][0][0] == "weather"
+    assert runtime._onnx.scheduler.peak >= 2
+
+
+def test_requests_with_different_adapters_run_at_once(onnx_finetuned, ft_examples):
+    """A fine-tuned model and the base model decoding at the same time: each with its own LoRA inputs."""
+    client, runtime, job = onnx_finetuned
+    prompt = ft_examples[0]["messages"][:-1]
+    answer = ft_examples[0]["messages"][-1]["content"]
+    calls = [
+        lambda model=model: client.chat.completions.create(
+            model=model, messages=prompt, temperature=0, max_tokens=40
+        )
+        for model in (job["fine_tuned_model"], MODEL, job["fine_tuned_model"], MODEL)
+    ]
+    alone = [content(call()) for call in calls]
+    assert [content(reply) for reply in together(*calls)] == alone
+    assert alone[0][0].startswith(answer[:40]) and not alone[1][0].startswith(answer[:40])

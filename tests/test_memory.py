@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from llmlab.local.runtime import EmbeddingRuntime
+from llmlab.local.embedding_runtime import EmbeddingRuntime
 
 
 def test_embeddings_match_sentence_transformers_without_importing_it():
@@ -29,7 +29,7 @@ def test_embeddings_match_sentence_transformers_without_importing_it():
     assert ours.shape == theirs.shape == (74, 384)
     assert np.abs(ours - theirs).max() < 1e-5
     code = (
-        "import sys; from llmlab.local.runtime import EmbeddingRuntime; EmbeddingRuntime().embed(['x']); "
+        "import sys; from llmlab.local.embedding_runtime import EmbeddingRuntime; EmbeddingRuntime().embed(['x']); "
         "print('sentence_transformers' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

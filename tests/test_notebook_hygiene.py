@@ -215,7 +215,7 @@ def test_the_rules_catch_what_they_should(tmp_path):
 def test_counting_long_texts_for_embedding_writes_no_tokenizer_warning(capfd):
     """The "longer than the specified maximum sequence length" warning of notebook 05 came from counting the
     tokens of a chunk longer than MiniLM's 256 (which is the point of counting): it is silenced at its source."""
-    from llmlab.local.runtime import EmbeddingRuntime
+    from llmlab.local.embedding_runtime import EmbeddingRuntime
 
     runtime = EmbeddingRuntime()
     assert runtime.count_tokens("word " * 400) > runtime.max_tokens

@@ -17,7 +17,9 @@ import torch
 
 from llmlab.local import chat_format
 from llmlab.local.chat_format import render
-from llmlab.local.runtime import ChatRuntime, ContextLengthExceeded, EmbeddingRuntime, Generation, PromptCache
+from llmlab.local.embedding_runtime import EmbeddingRuntime
+from llmlab.local.prompt_cache import PromptCache
+from llmlab.local.runtime import ChatRuntime, ContextLengthExceeded, Generation
 
 CAPITAL = render([{"role": "user", "content": "What is the capital of France?"}])
 

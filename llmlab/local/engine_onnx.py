@@ -2,9 +2,9 @@
 (`LLMLAB_ENGINE=torch` forces the torch one; `llmlab doctor --build-cache`, run by `make setup`, builds it).
 
 >>> engine = OnnxEngine(build_onnx_model(home))  # doctest: +SKIP
->>> logits, advance = engine.start([1, 9690, 198], max_length=64)  # doctest: +SKIP
->>> logits.shape  # doctest: +SKIP
-torch.Size([1, 49152])
+>>> logits, advance = engine.start([1, 9690, 198])  # doctest: +SKIP
+>>> logits.shape, advance(28).shape  # doctest: +SKIP
+(torch.Size([1, 49152]), torch.Size([49152]))
 
 The model is built once from the float weight cache by ONNX Runtime GenAI's own model builder (~25 s) into
 `home/weights/SmolLM2-135M-Instruct-onnx-uint8-lora-r0/`, beside the float weights it derives from (a home whose
@@ -15,10 +15,12 @@ Runtime's adapter format in ~0.1 s (`export_adapter`) and switched per request o
 rank-0 branch costs the base model no measurable decode speed. (A merged int8 model per fine-tuned model would
 take the builder's ~25 s and ~270 MB of memory each.)
 
+The builder's model is then run by ONNX Runtime itself (an `InferenceSession`, not ONNX Runtime GenAI's
+generator, which decodes one batch of equal-length prompts at a time): each prompt is read alone, and the
+sequences being decoded at the same time are read together, one forward pass per step (`batching`).
 The engine only turns token ids into next-token logits; sampling, constrained decoding, stop strings,
 streaming and log-probs stay in `ChatRuntime`, shared with the torch path. Its prompt cache is the KV states
-of the last few generators: a prompt that starts like an earlier one (same adapter) rewinds that generator
-to the shared prefix and reads only the rest.
+of the last few prompts: a prompt that starts like an earlier one (same adapter) reads only the rest.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,8 +45,8 @@ from llmlab.local.memory_limit import memory_is_tight
 
 _log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx")
-SHARED_KV = 2048  # tokens: 94 MB of KV states
-MIN_REUSE = 16  # a cached prefix shorter than this is not worth a rewind
+MIN_REUSE = 16  # a kept prefix shorter than this is not worth reusing
+KEPT_TOKENS = 2048  # a longer prompt's KV states (46 KB a token) are not kept
 # the projections of each decoder layer as the builder names them -> the peft modules they hold, in order
 # (the builder packs q, k and v into one MatMul)
 PROJECTIONS = {
@@ -167,7 +170,7 @@ def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     >>> build_onnx_model().name  # doctest: +SKIP
     'SmolLM2-135M-Instruct-onnx-uint8-lora-r0'
     """
-    from llmlab.local.runtime import build_folder_atomically, build_weight_cache
+    from llmlab.local.weights import build_folder_atomically, build_weight_cache
     from llmlab.models import CHAT_MODEL_ID
     from llmlab.paths import llmlab_home
 
@@ -258,44 +261,41 @@ def _packed(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[np.ndarray,
 @dataclass
 class _Kept:
     adapter: str | None
-    generator: Any
-    capacity: int  # the most tokens it can hold
-    read: int  # its first tokens, read as a prompt (the later ones were decoded one by one)
+    ids: list[int]
+    kv: list[np.ndarray]  # key, value per layer: (1, kv_heads, len(ids), head_size), as read from the prompt
 
 
 class OnnxEngine:
-    """Next-token logits of the int8 ONNX model with per-request LoRA adapters, one sequence at a time (the
-    caller holds a lock).
+    """Next-token logits of the int8 ONNX model with per-request LoRA adapters; thread-safe, and sequences
+    decoded at the same time are read together (`batching.Scheduler`: one forward pass per step).
 
     `threads`: ONNX Runtime's intra-op threads (the runtime passes `torch_threads()`). `keep`: how many
-    generators (their KV states) are kept for prompts that start like an earlier one; 0 reads every prompt
-    in full. Each holds up to `SHARED_KV` tokens (94 MB) or what its request needed.
+    prompts' KV states (up to `KEPT_TOKENS` each) are kept for prompts that start like an earlier one; 0 reads
+    every prompt in full.
+    `scheduler.peak`: the most sequences decoded in one step so far.
     """
 
     def __init__(self, folder: str | os.PathLike, threads: int = 1, keep: int = 2) -> None:
-        try:
-            import onnxruntime_genai as og
-        except ImportError as exc:
-            raise RuntimeError(
-                "LLMLAB_ENGINE=onnx needs onnxruntime-genai (pip install 'llmlab[local]'; it has no wheel for "
-                "Intel Macs): install it, or unset LLMLAB_ENGINE to fall back to torch"
-            ) from exc
+        import onnxruntime as ort
 
-        config = og.Config(str(folder))
-        config.clear_providers()  # CPU
+        from llmlab.local.batching import Scheduler
+
+        config = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
         # no spinning between ops: on a busy machine (CI, Binder, training beside serving) two spinning
         # threads measured 17-22 tok/s decode vs 31-38 without (1 thread: no difference)
-        options = {"intra_op_num_threads": threads, "session.intra_op.allow_spinning": "0"}
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-        self._og = og
-        self.model = og.Model(config)
-        self.layers = int(
-            json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"][
-                "num_hidden_layers"
-            ]
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.log_severity_level = 3  # not a warning per LoRA input ("initializer appears in graph inputs")
+        self._ort = ort
+        self.session = ort.InferenceSession(
+            str(Path(folder) / config["filename"]), options, providers=["CPUExecutionProvider"]
         )
-        self._adapters = og.Adapters(self.model)
-        self._loaded: set[str] = set()
+        self.layers = int(config["num_hidden_layers"])
+        self._kv_shape = (int(config["num_key_value_heads"]), int(config["head_size"]))
+        self._lock = threading.Lock()  # around every run of the session
+        self.scheduler = Scheduler(self.session, self._lock, self.layers, *self._kv_shape)
+        self._adapters: dict[str | None, dict[str, Any]] = {None: {}}  # name -> its LoRA inputs (OrtValues)
         self.keep = keep
         self._kept: list[_Kept] = []  # least recently used first
 
@@ -304,75 +304,72 @@ class OnnxEngine:
         """Make the peft LoRA adapter in `adapter_dir` usable as `adapter=name`; `AdapterError` if it cannot be."""
         path = export_adapter(adapter_dir, self.layers)
         try:
-            self._adapters.load(str(path), name)
-        except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError
+            self._adapters[name] = self._ort.AdapterFormat.read_adapter(str(path)).get_parameters()
+        except Exception as exc:  # onnxruntime raises a bare RuntimeError
             raise AdapterError(f"the adapter in {adapter_dir} is unreadable: {exc}") from exc
-        self._loaded.add(name)
 
     def unload_adapter(self, name: str) -> None:
-        """Forget adapter `name` and the KV states computed with it."""
-        if name in self._loaded:
+        """Forget adapter `name` and the KV states computed with it (a sequence decoding with it finishes)."""
+        with self._lock:
             self._kept = [k for k in self._kept if k.adapter != name]
-            self._adapters.unload(name)
-            self._loaded.discard(name)
+            if name is not None:
+                self._adapters.pop(name, None)
 
     # -- reading and decoding --------------------------------------------------------------------------------
-    def _generator(self, ids: list[int], max_length: int, adapter: str | None, keep: int) -> tuple[Any, int]:
-        """A generator holding the longest kept prefix of `ids` with room for `max_length` tokens, and that
-        prefix's length (0: a new generator); `ids` are then read from there.
+    def _prefix(self, ids: list[int], adapter: str | None, keep: int) -> tuple[list[np.ndarray] | None, int]:
+        """The KV states of the longest kept prompt prefix of `ids` (at least `MIN_REUSE` tokens) and its
+        length, or (None, 0). Call with the lock held.
 
         int8 logits of a token read alone differ from those of a token read with others (up to ~0.3), so only
-        tokens read as part of a prompt are reused, and at least two tokens are read: a warm request gives
+        tokens read as part of a prompt are kept, and at least two tokens are read: a warm request gives
         exactly the logits of a cold one (a seed reproduces its sample)."""
         best, length = None, 0
         for kept in self._kept:
-            if kept.adapter == adapter and kept.capacity >= max_length:
-                held = kept.generator.get_sequence(0)
-                n = min(kept.read, len(held), len(ids) - max(keep, 2))
-                mismatch = np.flatnonzero(np.asarray(held[:n]) != np.asarray(ids[:n]))
+            if kept.adapter == adapter:
+                n = min(len(kept.ids), len(ids) - max(keep, 2))
+                mismatch = np.flatnonzero(np.asarray(kept.ids[:n]) != np.asarray(ids[:n]))
                 n = int(mismatch[0]) if mismatch.size else n
                 if n > length:
                     best, length = kept, n
-        if best is not None and length >= MIN_REUSE:
-            self._kept.remove(best)
-            self._kept.append(best)
-            best.generator.rewind_to(length)
-            best.read = len(ids)
-            return best.generator, length
-        capacity = max(max_length, SHARED_KV) if self.keep else max_length
-        params = self._og.GeneratorParams(self.model)
-        # up to SHARED_KV tokens the KV states live in one buffer allocated up front; beyond, they grow as
-        # needed: a request without `max_tokens` (room for the whole 8,192-token context) would otherwise
-        # allocate ~350 MB and 0.3 s up front, at about the same decode speed over a few hundred tokens
-        params.set_search_options(
-            max_length=capacity, do_sample=False, past_present_share_buffer=capacity <= SHARED_KV
-        )
-        generator = self._og.Generator(self.model, params)
-        if adapter is not None:
-            generator.set_active_adapter(self._adapters, adapter)
-        if self.keep:
-            self._kept.append(_Kept(adapter, generator, capacity, len(ids)))
-            del self._kept[: -self.keep]
-        return generator, 0
+        if best is None or length < MIN_REUSE:
+            return None, 0
+        self._kept.remove(best)
+        self._kept.append(best)
+        return [np.ascontiguousarray(states[:, :, :length]) for states in best.kv], length
+
+    def _read(
+        self, ids: list[int], adapter: str | None, keep: int
+    ) -> tuple[np.ndarray, list[np.ndarray], int]:
+        """Read the prompt `ids` after its longest kept prefix: (the logits of its last `keep` positions, its
+        KV states, how many tokens came from the kept prefix)."""
+        heads, size = self._kv_shape
+        with self._lock:
+            past, done = self._prefix(ids, adapter, keep)
+            past = past or [np.zeros((1, heads, 0, size), np.float32)] * (2 * self.layers)
+            feeds = {
+                "input_ids": np.asarray([ids[done:]], np.int64),
+                "attention_mask": np.ones((1, len(ids)), np.int64),
+            }
+            feeds.update(zip(self.scheduler.past_names, past, strict=True))
+            feeds.update(self._adapters[adapter])
+            logits, *kv = self.session.run(["logits", *self.scheduler.present_names], feeds)
+            if self.keep and MIN_REUSE <= len(ids) <= KEPT_TOKENS:
+                self._kept.append(_Kept(adapter, list(ids), kv))
+                del self._kept[: -self.keep]
+        return logits[0, -keep:], kv, done
 
     def start(
-        self, ids: list[int], max_length: int, adapter: str | None = None, keep: int = 1
+        self, ids: list[int], adapter: str | None = None, keep: int = 1
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
         """Read the prompt `ids` with `adapter` (None: the base model); (the next-token logits of its last
         `keep` positions, (keep, vocab); `advance`), where `advance(token)` reads one more token and gives the
-        logits after it, (vocab,). `max_length`: prompt plus generated tokens, at most.
+        logits after it, (vocab,), decoded in one batch with the other running sequences (`advance.close()`
+        or dropping it ends the sequence). Its KV states grow as it does.
 
-        A kept generator that holds a prefix of `ids` is rewound to it: only the rest is read."""
-        if adapter is not None and adapter not in self._loaded:
+        A kept prompt that is a prefix of `ids` is not read again: only the rest is."""
+        if adapter not in self._adapters:
             raise KeyError(f"adapter {adapter!r} is not loaded")
-        generator, done = self._generator(ids, max_length, adapter, keep)
-        generator.append_tokens(ids[done:])
-        # all positions' logits only when asked for: a long prompt's are ~200 KB per token
-        last = generator.get_logits()[0, -1:] if keep == 1 else generator.get_output("logits")[0, -keep:]
-        first = torch.from_numpy(last.astype("float32", copy=True))
-
-        def advance(token: int) -> torch.Tensor:
-            generator.append_tokens([token])
-            return torch.from_numpy(generator.get_logits()[0, -1].astype("float32", copy=True))
-
-        return first, advance
+        lora = self._adapters[adapter]
+        logits, kv, _ = self._read(ids, adapter, keep)
+        first = torch.from_numpy(logits.astype("float32", copy=True))
+        return first, self.scheduler.sequence(lora, kv, len(ids))

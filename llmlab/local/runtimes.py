@@ -34,7 +34,7 @@ class Models:
     def embedding(self) -> Any:
         with self._lock:
             if self._embedding is None:
-                from llmlab.local.runtime import EmbeddingRuntime
+                from llmlab.local.embedding_runtime import EmbeddingRuntime
 
                 self._embedding = EmbeddingRuntime(self.home)
             return self._embedding
