@@ -100,6 +100,10 @@ def test_summarize_gives_one_row_per_technique_in_order():
     assert rag["latency_s"] == 3.0 and rag["setup_s"] == 5.0
     assert rag["cost_per_1k_questions_usd"] == pytest.approx(2.0)
     assert pd.isna(table.set_index("technique").loc["base", "setup_s"])
+    alone = rows.assign(seconds=[0.5, 1.5, 0.25, 0.25])  # the same answers asked one at a time
+    timed = evaluation.summarize(rows, latency=alone).set_index("technique")
+    assert timed.loc["RAG", "latency_s"] == 1.0 and timed.loc["base", "latency_s"] == 0.25
+    assert timed.loc["RAG", "accuracy_all"] == 0.5  # accuracy still from `rows`
 
 
 def test_evaluate_real_systems_on_the_local_backend(lab):

@@ -267,7 +267,8 @@ def evaluate(
 
     With `workers` > 1, that many questions are in flight at once (threads; the rows keep the order of systems
     and questions), for a server that decodes concurrent requests together; `seconds` then includes the time
-    an answer waited behind the others, so compare latencies only from runs with `workers=1` (the default).
+    an answer waited behind the others, so compare latencies only from runs with `workers=1` (the default; see
+    `summarize`'s `latency`).
     """
     pairs = [(name, q) for name in systems for q in questions.itertuples(index=False)]
 
@@ -362,11 +363,13 @@ def summarize(
     rows: pd.DataFrame,
     setup_seconds: dict[str, float] | None = None,
     setup_cost_usd: dict[str, float] | None = None,
+    latency: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per technique: accuracy per question kind, overall accuracy, latency, set-up and costs.
 
     `setup_seconds` / `setup_cost_usd` give each technique's one-off work (training, indexing) and what it
-    would cost on OpenAI; the cost of answering is per 1,000 questions.
+    would cost on OpenAI; the cost of answering is per 1,000 questions. `latency`: rows of `evaluate` whose
+    `seconds` give `latency_s` (a run with `workers=1`, when `rows` came from several workers); default `rows`.
     """
     order = list(dict.fromkeys(rows["technique"]))
     accuracy = rows.pivot_table(
@@ -376,7 +379,7 @@ def summarize(
     by = rows.groupby("technique")
     table = accuracy.assign(
         accuracy_all=by["correct"].mean(),
-        latency_s=by["seconds"].mean(),
+        latency_s=(rows if latency is None else latency).groupby("technique")["seconds"].mean(),
         setup_s=pd.Series(setup_seconds or {}, dtype=float),
         setup_cost_usd=pd.Series(setup_cost_usd or {}, dtype=float),
         cost_per_1k_questions_usd=by["cost_usd"].mean() * 1000,
