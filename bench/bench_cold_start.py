@@ -56,7 +56,8 @@ def one_start(engine: str, importtime: bool = False, tree: str = str(REPO_ROOT))
     command = [sys.executable, *(["-X", "importtime"] if importtime else []), "-m", "llmlab.local.process"]
     start = time.perf_counter()
     with open(log, "wb") as out:
-        child = subprocess.Popen([*command, "--home", str(home)], stdout=out, stderr=out, env=env)
+        # cwd: `-m` puts the working directory first on the path, before PYTHONPATH
+        child = subprocess.Popen([*command, "--home", str(home)], stdout=out, stderr=out, env=env, cwd=tree)
     try:
         record = None
         while True:
