@@ -100,6 +100,10 @@ def test_summarize_gives_one_row_per_technique_in_order():
     assert rag["latency_s"] == 3.0 and rag["setup_s"] == 5.0
     assert rag["cost_per_1k_questions_usd"] == pytest.approx(2.0)
     assert pd.isna(table.set_index("technique").loc["base", "setup_s"])
+    alone = rows.assign(seconds=[0.5, 1.5, 0.25, 0.25])  # the same answers asked one at a time
+    timed = evaluation.summarize(rows, latency=alone).set_index("technique")
+    assert timed.loc["RAG", "latency_s"] == 1.0 and timed.loc["base", "latency_s"] == 0.25
+    assert timed.loc["RAG", "accuracy_all"] == 0.5  # accuracy still from `rows`
 
 
 def test_evaluate_real_systems_on_the_local_backend(lab):
@@ -182,3 +186,20 @@ def test_training_set_holds_the_examples_of_the_first_trained_questions():
     users = [next(m["content"] for m in e["messages"] if m["role"] == "user") for e in subset]
     assert sorted(users) == sorted(trained) and subset.lines == sorted(subset.lines)
     assert subset.validate(min_examples=10)
+
+
+def test_evaluate_asks_questions_concurrently_and_keeps_their_order():
+    """Two answers must be in flight at once (each system waits at a barrier for another), and the rows
+    keep the order of systems and questions whatever order the answers finish in."""
+    import threading
+
+    asked = questions.load_questions(per_kind=1)
+    barrier = threading.Barrier(2, timeout=30)
+
+    def waiting(question: str) -> evaluation.Reply:
+        barrier.wait()  # breaks (BrokenBarrierError) when questions are asked one at a time
+        return evaluation.Reply(question.upper(), 0.1)
+
+    rows = evaluation.evaluate({"a": waiting, "b": waiting}, asked, progress=False, workers=4)
+    assert rows["technique"].tolist() == ["a"] * len(asked) + ["b"] * len(asked)
+    assert rows["answer"].tolist() == [q.upper() for q in asked["question"]] * 2

@@ -10,6 +10,10 @@ Rules, per saved output of every notebook in notebooks/:
   of a text bar); llmlab's bars (`llmlab.progress.tqdm`) are re-displayed with their final state;
 - metadata.kernelspec is python3, "Python 3 (ipykernel)".
 
+The header (the first markdown cell) says how long the notebook takes here, "about N minutes here", and the
+saved run backs it: from its first cell's start to its last cell's end (the cells' `execution` metadata that
+Jupyter records) it took more than N-2 and at most N minutes (N is the run's minutes rounded up, or one more).
+
 And per markdown cell: every number in the prose appears in the notebook's saved outputs, so that a claim a
 re-run would change cannot stay typed in (format it from variables in a code cell, or show it in an output the
 prose points to). Structure is not a claim: a heading's number ("## 4."), a list's ("1. "), a reference to a
@@ -20,7 +24,9 @@ are the few constants of `CONSTANTS` (each with its reason).
 from __future__ import annotations
 
 import json
+import math
 import re
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -30,6 +36,7 @@ MACHINE_PATH = re.compile(r"(?<![\w.~:/-])/(?:work|root|home|tmp|Users)/|site-pa
 ZERO_BAR = re.compile(r"(?<!\d)0%\|")
 EXPLAINED = "stderr above"
 
+RUN_TIME = re.compile(r"about (\d+) minutes? here")
 # A number in prose: digits with thousands commas or a decimal part, not part of a name ("GPT-3", "L6", "v2").
 PROSE_NUMBER = re.compile(r"(?<![\w.,/:-])\d+(?:[.,]\d+)*(?!\w|-\d|[.,]\d)")
 OUTPUT_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
@@ -39,6 +46,7 @@ STRUCTURE = [
     re.compile(r"`[^`]*`"),  # code spans
     re.compile(r"\]\([^)]*\)"),  # a link's address (its text stays)
     re.compile(r"<[^>]+>"),  # HTML tags
+    RUN_TIME,  # the header's run time: checked against the saved run by its own test
     re.compile(r"\b(?:notebooks?|sections?|steps?)\s+\d+(?:\s*(?:[–,-]|and|to|or)\s*\d+)*", re.IGNORECASE),
 ]
 # Constants of the models, the data and the outside world, as phrases (the number with its words): a re-run
@@ -49,11 +57,6 @@ CONSTANTS = {
     "175 billion": "GPT-3's published size",
     "about 200,000 of them": "the size of o200k_base, gpt-4o-mini's vocabulary",
     "65,536-token limit": "OpenAI's per-example limit when fine-tuning gpt-4o-mini",
-}
-# Skipped as a whole, with the issue that will bring it back. Nothing else may be.
-PROSE_NOT_CHECKED = {
-    "07_compare_and_combine.ipynb": "issue 17: its prose numbers are all computed now; this goes once a saved run "
-    "on all questions is committed (its header's run time must be in that run's output)"
 }
 
 
@@ -134,8 +137,6 @@ def unshown_numbers(nb: dict) -> list[str]:
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
 def test_numbers_in_prose_are_in_the_outputs(notebook):
-    if notebook.name in PROSE_NOT_CHECKED:
-        pytest.skip(PROSE_NOT_CHECKED[notebook.name])
     found = unshown_numbers(json.loads(notebook.read_text(encoding="utf-8")))
     assert not found, "\n".join(found)
 
@@ -160,9 +161,6 @@ def test_the_prose_rule_checks_claims_not_structure():
     )
     assert unshown_numbers(notebook(structure, "nothing\n")) == []
     assert unshown_numbers(notebook("It took about a minute, 101 s.", "took 100.7 s\n")) != []
-    assert set(PROSE_NOT_CHECKED) <= {"07_compare_and_combine.ipynb"}, (
-        "only 07 waits for its saved run (issue 17)"
-    )
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
@@ -237,3 +235,62 @@ def test_llmlab_bars_are_saved_with_their_final_state(tmp_path):
     shown = [text for _, _, text in _outputs_of(nb)]
     assert any("demo: 100%" in text for text in shown), shown
     assert not any(ZERO_BAR.search(text) for text in shown), shown
+
+
+def run_seconds(nb: dict) -> float | None:
+    """How long the saved run of `nb` took: its first cell's start to its last cell's end (the `execution`
+    timings Jupyter records in each code cell's metadata); None when no cell has them.
+
+    >>> cell = {"metadata": {"execution": {"iopub.execute_input": "2026-12-02T07:00:00.5Z",
+    ...                                    "shell.execute_reply": "2026-12-02T07:02:00.5Z"}}}
+    >>> run_seconds({"cells": [cell]})
+    120.0
+    """
+    times = [c.get("metadata", {}).get("execution", {}) for c in nb["cells"]]
+    starts = [datetime.fromisoformat(t["iopub.execute_input"]) for t in times if "iopub.execute_input" in t]
+    ends = [datetime.fromisoformat(t["shell.execute_reply"]) for t in times if "shell.execute_reply" in t]
+    return (max(ends) - min(starts)).total_seconds() if starts and ends else None
+
+
+def run_time_problem(nb: dict) -> str | None:
+    """What is wrong with the header's "about N minutes here" against the saved run, or None."""
+    header = next((_text(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown"), "")
+    said, seconds = RUN_TIME.search(header), run_seconds(nb)
+    if seconds is None:
+        return "the saved run has no cell timings (execute it with Jupyter/nbconvert)"
+    minutes = max(1, math.ceil(seconds / 60))
+    if said is None:
+        return f"the header does not say 'about N minutes here' (the saved run took {seconds:.0f} s: N={minutes})"
+    if int(said.group(1)) not in (minutes, minutes + 1):
+        return f"the header says {said.group()!r} but the saved run took {seconds:.0f} s: N={minutes}"
+    return None
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[nb.name for nb in NOTEBOOKS])
+def test_header_says_how_long_the_saved_run_took(notebook):
+    problem = run_time_problem(json.loads(notebook.read_text(encoding="utf-8")))
+    assert problem is None, problem
+
+
+def test_the_run_time_rule_reads_the_saved_timings():
+    def notebook(header, seconds):
+        timing = {
+            "iopub.execute_input": "2026-12-02T07:00:00Z",
+            "shell.execute_reply": "2026-12-02T07:00:00Z",
+        }
+        last = {**timing, "shell.execute_reply": f"2026-12-02T07:{seconds // 60:02d}:{seconds % 60:02d}Z"}
+        return {
+            "cells": [
+                {"cell_type": "markdown", "source": header, "metadata": {}},
+                {"cell_type": "code", "source": "x", "outputs": [], "metadata": {"execution": timing}},
+                {"cell_type": "code", "source": "y", "outputs": [], "metadata": {"execution": last}},
+            ]
+        }
+
+    assert run_time_problem(notebook("It takes about 3 minutes here.", 134)) is None
+    assert run_time_problem(notebook("It takes about 4 minutes here.", 134)) is None
+    assert "took 134 s" in run_time_problem(notebook("It takes about 5 minutes here.", 134))
+    assert "took 134 s" in run_time_problem(notebook("It takes about 2 minutes here.", 134))
+    assert run_time_problem(notebook("It takes about 1 minute here.", 13)) is None
+    assert "does not say" in run_time_problem(notebook("It is quick.", 13))
+    assert unshown_numbers(notebook("It takes about 3 minutes here.", 134)) == []

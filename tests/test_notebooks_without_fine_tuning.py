@@ -123,7 +123,7 @@ def test_notebook_02b_compares_the_prompt_only_ways_without_the_fine_tuned_model
 
 def test_notebook_07_compares_without_the_fine_tuned_model(no_fine_tuning_url, tmp_path):
     url, seen = no_fine_tuning_url
-    nb = run_notebook("07_compare_and_combine.ipynb", tmp_path, {"PER_KIND = 6": "PER_KIND = 1"})
+    nb = run_notebook("07_compare_and_combine.ipynb", tmp_path, {"PER_KIND = None": "PER_KIND = 1"})
     assert f"{url}/ {SKIPPED}: the fine-tuned model is left out of the comparison." in shown(nb)
     summary = next(c for c in nb.cells if c.source.startswith("rows = ") and "summarize(" in c.source)
     table = next(o["data"]["text/plain"] for o in summary.outputs if o["output_type"] == "execute_result")

@@ -22,6 +22,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -255,32 +256,41 @@ def openai_cost(requests: Iterable[dict], model: str = CHAT_MODEL) -> float:
     return total
 
 
-def evaluate(systems: dict[str, System], questions: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+def evaluate(
+    systems: dict[str, System], questions: pd.DataFrame, progress: bool = True, workers: int = 1
+) -> pd.DataFrame:
     """Ask every system every question; one row per (technique, question) with the answer and its score.
 
     Columns: technique, id, kind, question, answer, correct, seconds, cost_usd, sources, tool_calls, and
     `retrieved`: for a system that retrieves, whether its context holds the question's key facts (so a
     wrong answer is a reading failure when True, a retrieval failure when False); None for the others.
+
+    With `workers` > 1, that many questions are in flight at once (threads; the rows keep the order of systems
+    and questions), for a server that decodes concurrent requests together; `seconds` then includes the time
+    an answer waited behind the others, so compare latencies only from runs with `workers=1` (the default; see
+    `summarize`'s `latency`).
     """
-    rows = []
     pairs = [(name, q) for name in systems for q in questions.itertuples(index=False)]
-    for name, q in tqdm(pairs, desc="answering", disable=not progress):
+
+    def answer(pair: tuple[str, Any]) -> dict:
+        name, q = pair
         reply = systems[name](q.question)
-        rows.append(
-            {
-                "technique": name,
-                "id": q.id,
-                "kind": q.kind,
-                "question": q.question,
-                "answer": reply.text.strip(),
-                "correct": contains_facts(reply.text, q.facts),
-                "seconds": reply.seconds,
-                "cost_usd": openai_cost(reply.requests),
-                "sources": reply.sources,
-                "tool_calls": reply.tool_calls,
-                "retrieved": contains_facts(reply.context, q.facts) if reply.sources else None,
-            }
-        )
+        return {
+            "technique": name,
+            "id": q.id,
+            "kind": q.kind,
+            "question": q.question,
+            "answer": reply.text.strip(),
+            "correct": contains_facts(reply.text, q.facts),
+            "seconds": reply.seconds,
+            "cost_usd": openai_cost(reply.requests),
+            "sources": reply.sources,
+            "tool_calls": reply.tool_calls,
+            "retrieved": contains_facts(reply.context, q.facts) if reply.sources else None,
+        }
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        rows = list(tqdm(pool.map(answer, pairs), total=len(pairs), desc="answering", disable=not progress))
     return pd.DataFrame(rows)
 
 
@@ -353,11 +363,13 @@ def summarize(
     rows: pd.DataFrame,
     setup_seconds: dict[str, float] | None = None,
     setup_cost_usd: dict[str, float] | None = None,
+    latency: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per technique: accuracy per question kind, overall accuracy, latency, set-up and costs.
 
     `setup_seconds` / `setup_cost_usd` give each technique's one-off work (training, indexing) and what it
-    would cost on OpenAI; the cost of answering is per 1,000 questions.
+    would cost on OpenAI; the cost of answering is per 1,000 questions. `latency`: rows of `evaluate` whose
+    `seconds` give `latency_s` (a run with `workers=1`, when `rows` came from several workers); default `rows`.
     """
     order = list(dict.fromkeys(rows["technique"]))
     accuracy = rows.pivot_table(
@@ -367,7 +379,7 @@ def summarize(
     by = rows.groupby("technique")
     table = accuracy.assign(
         accuracy_all=by["correct"].mean(),
-        latency_s=by["seconds"].mean(),
+        latency_s=(rows if latency is None else latency).groupby("technique")["seconds"].mean(),
         setup_s=pd.Series(setup_seconds or {}, dtype=float),
         setup_cost_usd=pd.Series(setup_cost_usd or {}, dtype=float),
         cost_per_1k_questions_usd=by["cost_usd"].mean() * 1000,

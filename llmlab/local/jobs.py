@@ -82,7 +82,8 @@ class JobRunner:
         """Check what the request model cannot (the base model, the files), store the job
         (status validating_files) and start validating it."""
         model = request.model
-        if resolve_alias(model) != CHAT_MODEL_ID:
+        parent = self._adapter_of(model) if model.startswith("ft:") else None
+        if parent is None and resolve_alias(model) != CHAT_MODEL_ID:
             status, code = (404, "model_not_found") if resolve_alias(model) is None else (400, None)
             raise JobRequestError(f"Model {model!r} is not available for fine-tuning.", "model", code, status)
         training_file = self._check_file(request.training_file, "training_file")
@@ -100,7 +101,7 @@ class JobRunner:
             "finished_at": None,
             "hyperparameters": hyper,
             "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
-            "model": CHAT_MODEL_ID,
+            "model": model if parent else CHAT_MODEL_ID,
             "organization_id": "org-llmlab",
             "result_files": [],
             "seed": random.randrange(2**31) if request.seed is None else request.seed,
@@ -112,6 +113,7 @@ class JobRunner:
             "metadata": request.metadata,
             "_requested_model": model,
             "_created_ns": now,
+            "_parent_adapter_dir": parent,
             "_owner": self.owner.id,
         }
         FineTuningJob.model_validate(public(job))  # what is stored must render: checked before it is
@@ -158,6 +160,16 @@ class JobRunner:
             time.sleep(0.2)
 
     # -- the work --------------------------------------------------------------------------------------
+    def _adapter_of(self, model: str) -> str | None:
+        """The adapter folder (home-relative) of the succeeded job whose model is `model`, or None.
+
+        A job on such a model continues training from that adapter, as OpenAI fine-tunes a fine-tuned model.
+        """
+        for job in self.store.list_jobs():
+            if job["status"] == "succeeded" and job.get("fine_tuned_model") == model:
+                return job["_adapter_dir"]
+        return None
+
     def _check_file(self, file_id: str, param: str) -> str:
         record = self.store.get_file(file_id)
         if record is None:
@@ -247,7 +259,8 @@ class JobRunner:
         validation = None
         if job["validation_file"]:
             validation = JsonlExamples(self.store.file_path(job["validation_file"]))
-        name = fine_tuned_name(job["model"], job["user_provided_suffix"], job_id)
+        name = fine_tuned_name(CHAT_MODEL_ID, job["user_provided_suffix"], job_id)
+        parent = job.get("_parent_adapter_dir")
         out_dir = self.store.adapters_dir / job_id
         steps: list[dict] = []
 
@@ -303,6 +316,7 @@ class JobRunner:
             on_step=on_step,
             on_epoch=on_epoch,
             should_stop=lambda: job_id in self._cancelled,
+            start_from=self.store.home / parent if parent else None,
         )
         # base64 text, as OpenAI serves a job's result file (clients call base64.b64decode on it)
         csv_b64 = base64.b64encode(_metrics_csv(steps))

@@ -334,6 +334,7 @@ def train_lora(
     on_epoch: Callable[[EpochInfo], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     threads: int | None = None,
+    start_from: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter (r=16, alpha=32, every linear layer of the decoder, AdamW, linear decay).
 
@@ -341,6 +342,7 @@ def train_lora(
     `should_stop()` is polled before every example while the examples are read and before every step;
     when it returns True training stops at once (`cancelled=True`, no final adapter). Same seed, same data -> same adapter. `threads`: torch
     threads of the calling thread while it trains (default `runtime.torch_threads()`; restored after).
+    `start_from`: a saved adapter to continue training from (a fine-tuned model fine-tuned again).
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(threads or torch_threads())
@@ -357,6 +359,7 @@ def train_lora(
             on_step,
             on_epoch,
             should_stop,
+            start_from,
         )
     finally:
         torch.set_num_threads(previous)
@@ -381,8 +384,9 @@ def _train(
     on_step: Callable[[StepInfo], None] | None,
     on_epoch: Callable[[EpochInfo], None] | None,
     should_stop: Callable[[], bool] | None,
+    start_from: str | os.PathLike | None = None,
 ) -> TrainResult:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
     seed = random.randrange(2**31) if seed is None else seed
     tokenizer = runtime.tokenizer
@@ -409,6 +413,10 @@ def _train(
         # peak memory with a job running; the same losses and adapter, for ~30% more time per step.
         view.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(view, config)
+    if start_from is not None:  # the same rank and modules as every adapter trained here
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(Path(start_from) / "adapter_model.safetensors"))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.0)
