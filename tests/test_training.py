@@ -377,7 +377,7 @@ def test_training_beside_the_onnx_engine_loads_no_fp32_torch_model(rt, tmp_path)
 def test_the_bf16_training_model_predicts_as_the_fp32_model(rt):
     from llmlab.local.training import bf16_training_model
 
-    model = bf16_training_model(rt)
+    model = bf16_training_model(rt, torch.bfloat16)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the model
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert model.model.norm.weight.dtype == torch.float32
@@ -392,3 +392,15 @@ def test_the_bf16_training_model_predicts_as_the_fp32_model(rt):
         ours.log_softmax(-1), fp32.log_softmax(-1), log_target=True, reduction="none"
     )
     assert kl.sum(-1).mean() < 0.01
+
+
+def test_without_hardware_bf16_the_training_model_keeps_fp32(rt):
+    from llmlab.local.training import bf16_training_model, native_bf16
+
+    assert not native_bf16("flags : fpu sse2 avx2 avx512f avx512bw") and native_bf16(
+        "Features : fp asimd bf16"
+    )
+    model = bf16_training_model(rt, torch.float32)
+    ids = torch.tensor([rt.encode(render(_examples()[0]["messages"]))])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, rt.model(ids).logits, atol=1e-4)

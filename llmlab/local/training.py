@@ -11,7 +11,7 @@ only assistant tokens (the content and the closing `<|im_end|>`; `weight: 0` tur
 runs on `runtime.base_view()`: a second module tree over the serving model's own frozen weight tensors,
 so serving continues (base and other adapters) while it trains and no second copy of the weights is
 made. Where the ONNX engine serves (the torch model is not loaded for serving), training instead builds a
-model of its own from the same float weight cache, its frozen matrices held in bf16 (half the memory; their
+model of its own from the same float weight cache, its frozen matrices held in bf16 where the CPU multiplies bf16 in hardware (half the memory; their
 products are bf16, while the LoRA weights and their math, the norms, the loss and the optimizer stay fp32),
 freed when the job ends. The LM head and the loss are computed only at the positions that have a target, which keeps the
 full-vocabulary logits (the bulk of the memory) small.
@@ -170,7 +170,7 @@ def _micro_batches(items: list[tuple[list[int], list[bool]]], pad_id: int) -> li
 
 
 class _Bf16Linear(torch.nn.Linear):
-    """A frozen linear layer whose weight is stored in bf16: its input is cast to bf16, its output is fp32."""
+    """A frozen linear layer whose weight is stored in bf16 (or fp32): its input is cast to that, its output is fp32."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _Bf16Matmul.apply(x, self.weight)
@@ -201,9 +201,35 @@ class _Bf16Matmul(torch.autograd.Function):
         return (grad.to(weight.dtype) @ weight).float(), None
 
 
-def _read_float_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def native_bf16(cpuinfo: str | None = None) -> bool:
+    """Whether this CPU multiplies bf16 in hardware (x86 AVX512-BF16 or AMX, Arm's BF16 extension); elsewhere
+    a bf16 product is emulated and can be several times slower than fp32. `cpuinfo`: Linux's /proc/cpuinfo text.
+
+    >>> native_bf16("flags : fpu avx2 avx512f"), native_bf16("flags : avx512f avx512_bf16")
+    (False, True)
+    """
+    import re
+    import subprocess
+    import sys
+
+    try:
+        if cpuinfo is None and sys.platform == "darwin":
+            found = subprocess.run(
+                ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True
+            )
+            return found.stdout.strip() == "1"
+        if cpuinfo is None:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", cpuinfo) is not None
+
+
+def _read_float_tensors(
+    path: Path, dtype: torch.dtype = torch.bfloat16
+) -> Iterator[tuple[str, torch.Tensor]]:
     """The fp32 tensors of a safetensors file, read (not memory-mapped: mapped pages would stay resident)
-    and converted one at a time: 2-D ones to bf16, the rest (norms) kept fp32."""
+    and converted one at a time: 2-D ones to `dtype`, the rest (norms) kept fp32."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
@@ -222,7 +248,7 @@ def _read_float_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                     torch.frombuffer(bytearray(f.read(end - begin)), dtype=torch.float32).reshape(shape),
                 )
                 continue
-            out = torch.empty(shape, dtype=torch.bfloat16)
+            out = torch.empty(shape, dtype=dtype)
             per_row = shape[1] * 4
             for row in range(0, shape[0], _ROWS):
                 rows = min(_ROWS, shape[0] - row)
@@ -231,9 +257,10 @@ def _read_float_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield name, out
 
 
-def bf16_training_model(runtime: Any) -> Any:
+def bf16_training_model(runtime: Any, dtype: torch.dtype | None = None) -> Any:
     """A frozen `LlamaForCausalLM` of `runtime`'s float weight cache with its matrices in bf16 (~270 MB, not
-    ~540 MB) and fp32 outputs; for training where the torch model is not loaded to serve.
+    ~540 MB) and fp32 outputs; for training where the torch model is not loaded to serve. `dtype`: the
+    matrices' type; None: bf16 where the CPU multiplies it in hardware (`native_bf16`), else fp32.
 
     >>> model = bf16_training_model(runtime)  # doctest: +SKIP
     >>> model.lm_head.weight.dtype, model.model.norm.weight.dtype  # doctest: +SKIP
@@ -248,7 +275,9 @@ def bf16_training_model(runtime: Any) -> Any:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     params = dict(model.named_parameters())
-    for name, tensor in _read_float_tensors(cache / "model.safetensors"):
+    if dtype is None:
+        dtype = torch.bfloat16 if native_bf16() else torch.float32
+    for name, tensor in _read_float_tensors(cache / "model.safetensors", dtype):
         params.pop(name)
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
