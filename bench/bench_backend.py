@@ -1,6 +1,8 @@
 """Benchmark the shared local backend (one server per LLMLAB_HOME) against one server per kernel, same run.
 
     python bench/bench_backend.py           # writes bench/results/backend.json
+    LLMLAB_ENGINE=onnx python bench/bench_backend.py --memory-only   # backend_memory_onnx.json: Binder's
+                                            # scenario only, its server serving on the named engine
 
 - memory, as on Binder (`MEM_LIMIT` = 2 GB): two notebook kernels (Python processes) both use chat and embeddings, then one runs a
   tutorial-size LoRA job (16 examples of data/qa_train.jsonl, batch 4, one epoch) while the other stays
@@ -175,8 +177,28 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
+def memory_only() -> None:
+    """Binder's scenario alone (shared server), on the engine `LLMLAB_ENGINE` names."""
+    from llmlab.local.engine_onnx import engine_name
+
+    engine = engine_name({k: v for k, v in os.environ.items() if k != "MEM_LIMIT"})
+    shared = two_kernels("shared")
+    results = {
+        "engine": engine,
+        "shared_server": shared,
+        "target_mb": 1482,
+        "within_target": shared["total_mb"] <= 1482,
+    }
+    results["machine"] = {"cpus": os.cpu_count(), "load_average_1min": os.getloadavg()[0]}
+    out = REPO / "bench" / "results" / f"backend_memory_{engine}.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--kernel"]:
         kernel(sys.argv[2], sys.argv[3] == "1")
+    elif sys.argv[1:2] == ["--memory-only"]:
+        memory_only()
     else:
         main()

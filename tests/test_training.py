@@ -356,3 +356,51 @@ def test_checkpointing_where_memory_is_tight_trains_the_same_adapter(rt, tmp_pat
     assert losses_on == pytest.approx(losses_off, rel=1e-4)
     assert weights_on.keys() == weights_off.keys()
     assert all(torch.allclose(weights_on[k], weights_off[k], atol=1e-5) for k in weights_on)
+
+
+def test_training_beside_the_onnx_engine_loads_no_fp32_torch_model(rt, tmp_path):
+    """Where ONNX serves, a job trains on a bf16-stored model of its own (~270 MB, freed after the job) instead
+    of loading the fp32 torch model (~540 MB, kept while the server lives) beside the ONNX one."""
+    from llmlab.local.runtime import ChatRuntime
+
+    runtime = ChatRuntime(rt.home)  # a server's runtime before any job: the torch model not loaded
+    if runtime.engine != "onnx":
+        pytest.skip("onnxruntime is not installed: torch serves and training shares its weights")
+    result = train_lora(runtime, _examples()[:2], n_epochs=1, batch_size=2, seed=1, out_dir=tmp_path)
+    runtime.load_adapter("ft-bf16", result.adapter_dir)
+    assert result.steps == 1 and math.isfinite(result.train_loss)
+    assert runtime._model is None
+    prompt = render(_examples()[0]["messages"][:-1])
+    assert runtime.generate(prompt, temperature=0, max_tokens=8, adapter="ft-bf16").text
+
+
+def test_the_bf16_training_model_predicts_as_the_fp32_model(rt):
+    from llmlab.local.training import bf16_training_model
+
+    model = bf16_training_model(rt, torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the model
+    assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert model.model.norm.weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.tensor([rt.encode(render(_examples()[0]["messages"]))])
+    with torch.no_grad():
+        ours, fp32 = model(ids).logits, rt.model(ids).logits
+    assert ours.dtype == torch.float32
+    assert (ours.argmax(-1) == fp32.argmax(-1)).float().mean() > 0.95
+    # KL(fp32 || bf16-stored) per position, nats: int8 serving's KL vs fp32 is ~0.009 (issue 16)
+    kl = torch.nn.functional.kl_div(
+        ours.log_softmax(-1), fp32.log_softmax(-1), log_target=True, reduction="none"
+    )
+    assert kl.sum(-1).mean() < 0.01
+
+
+def test_without_hardware_bf16_the_training_model_keeps_fp32(rt):
+    from llmlab.local.training import bf16_training_model, native_bf16
+
+    assert not native_bf16("flags : fpu sse2 avx2 avx512f avx512bw") and native_bf16(
+        "Features : fp asimd bf16"
+    )
+    model = bf16_training_model(rt, torch.float32)
+    ids = torch.tensor([rt.encode(render(_examples()[0]["messages"]))])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, rt.model(ids).logits, atol=1e-4)
