@@ -375,7 +375,7 @@ def test_training_beside_the_onnx_engine_loads_no_fp32_torch_model(rt, tmp_path)
 
 
 def test_the_bf16_training_model_predicts_as_the_fp32_model(rt):
-    from llmlab.local.training import bf16_training_model
+    from llmlab.local.training_model import bf16_training_model
 
     model = bf16_training_model(rt, torch.bfloat16)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied, as in the model
@@ -395,7 +395,7 @@ def test_the_bf16_training_model_predicts_as_the_fp32_model(rt):
 
 
 def test_without_hardware_bf16_the_training_model_keeps_fp32(rt):
-    from llmlab.local.training import bf16_training_model, native_bf16
+    from llmlab.local.training_model import bf16_training_model, native_bf16
 
     assert not native_bf16("flags : fpu sse2 avx2 avx512f avx512bw") and native_bf16(
         "Features : fp asimd bf16"
