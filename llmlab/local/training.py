@@ -11,7 +11,7 @@ only assistant tokens (the content and the closing `<|im_end|>`; `weight: 0` tur
 runs on `runtime.base_view()`: a second module tree over the serving model's own frozen weight tensors,
 so serving continues (base and other adapters) while it trains and no second copy of the weights is
 made. Where the ONNX engine serves (the torch model is not loaded for serving), training instead builds a
-model of its own from the same float weight cache, its frozen matrices held in bf16 where the CPU multiplies bf16 in hardware (half the memory; their
+model of its own from the same float weight cache (`training_model`; its frozen matrices in bf16 on request, half the memory; their
 products are bf16, while the LoRA weights and their math, the norms, the loss and the optimizer stay fp32),
 freed when the job ends. The LM head and the loss are computed only at the positions that have a target, which keeps the
 full-vocabulary logits (the bulk of the memory) small.
