@@ -5,7 +5,8 @@ A *system* is a function `question -> Reply`; `plain`, `with_retrieval`, `with_t
 every question of `llmlab.course.questions` and scores the answers; `summarize` turns that into one row per
 technique, `by_kind` into k/n with a 95% interval (`wilson`) per technique and kind, `tool_decisions` into how
 often a system called a tool when it should and when it should not. `evaluate_tool_calls` scores the first
-tool call of `first_call` on the tool-calling cases.
+tool call of `first_call` on the tool-calling cases. Its length (~470 lines) is one job, the harness notebook 07
+reads: the systems and their scoring belong together.
 
 >>> systems = {"base": plain(lab), "RAG": with_retrieval(kb)}           # doctest: +SKIP
 >>> rows = evaluate(systems, load_questions(per_kind=5))              # doctest: +SKIP
