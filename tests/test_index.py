@@ -408,7 +408,7 @@ def read_until(stream, lines: list[str], starts: tuple[str, ...]) -> list[str]:
     """Append lines from `stream` until a line starting with each of `starts`, or "reaped", has been read."""
     while not all(any(line.startswith(s) for line in lines) for s in starts) and "reaped\n" not in lines:
         line = stream.readline()
-        assert line, "the process that forks the savers died"
+        assert line, f"the process that forks the savers died (or was killed by the guard) after {lines}"
         lines.append(line)
     return lines
 
@@ -421,6 +421,10 @@ def test_an_index_saved_again_and_again_survives_random_kills(tmp_path):
         stdout=subprocess.PIPE,
         text=True,
     )
+    # a guard, not a timing assert: one CI run hung here (both sides waiting on their pipes); after 5 minutes
+    # the forking process is killed, so the test fails with what it read instead of hanging
+    watchdog = threading.Timer(300, parent.kill)
+    watchdog.start()
     try:
         for kill in range(1, 16):
             parent.stdin.write(f"{1000 * kill}\n")
@@ -441,6 +445,7 @@ def test_an_index_saved_again_and_again_survives_random_kills(tmp_path):
                 leftovers
             )  # the killed save's own copies at most: earlier ones are gone
     finally:
+        watchdog.cancel()
         parent.kill()
         parent.wait()
     loaded.save(path)
