@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import pickle
 import re
 import shutil
@@ -377,77 +376,52 @@ def test_a_save_killed_at_any_step_leaves_the_old_index_loadable(tmp_path, nth):
     assert VectorIndex.load(path).ids == ["a", "b", "c", "d", "mine"]
 
 
-# One process imports llmlab and builds an index once, then forks a saver per round: a round's saver saves
-# versions first, first + 1, ... of the index until the test kills it; the parent reaps it and reports.
-FORK_SAVERS = """
-import os, sys
+# A saver process builds the same index, then saves versions first, first + 1, ... of it until the test kills
+# it at a random moment. One fresh process per round: forking one from a process that has threads (numpy's
+# BLAS pool) can deadlock the child, and CI hung twice on an earlier forking version of this test.
+SAVER = """
+import sys
 import numpy as np
 from llmlab.index import VectorIndex
-path = sys.argv[1]
+path, first = sys.argv[1], int(sys.argv[2])
 index = VectorIndex(16, backend="hnsw")
 index.add(np.random.default_rng(0).normal(size=(1500, 16)))
-for line in sys.stdin:
-    first = int(line)
-    pid = os.fork()
-    if pid == 0:
-        try:
-            rng = np.random.default_rng(first)
-            for version in range(first, first + 100_000):
-                index.upsert(rng.normal(size=(1, 16)), ids=["version"], metadata=[{"version": version}])
-                index.save(path)
-                print("saved", version, flush=True)
-        finally:
-            os._exit(1)  # only on an error: the saver is killed
-    print("saver", pid, flush=True)
-    os.waitpid(pid, 0)
-    print("reaped", flush=True)
+rng = np.random.default_rng(first)
+for version in range(first, first + 100_000):
+    index.upsert(rng.normal(size=(1, 16)), ids=["version"], metadata=[{"version": version}])
+    index.save(path)
+    print("saved", version, flush=True)
 """
-
-
-def read_until(stream, lines: list[str], starts: tuple[str, ...]) -> list[str]:
-    """Append lines from `stream` until a line starting with each of `starts`, or "reaped", has been read."""
-    while not all(any(line.startswith(s) for line in lines) for s in starts) and "reaped\n" not in lines:
-        line = stream.readline()
-        assert line, f"the process that forks the savers died (or was killed by the guard) after {lines}"
-        lines.append(line)
-    return lines
 
 
 def test_an_index_saved_again_and_again_survives_random_kills(tmp_path):
     path, rng = tmp_path / "idx", np.random.default_rng(13)
-    parent = subprocess.Popen(
-        [sys.executable, "-c", FORK_SAVERS, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    # a guard, not a timing assert: one CI run hung here (both sides waiting on their pipes); after 5 minutes
-    # the forking process is killed, so the test fails with what it read instead of hanging
-    watchdog = threading.Timer(300, parent.kill)
-    watchdog.start()
-    try:
-        for kill in range(1, 16):
-            parent.stdin.write(f"{1000 * kill}\n")
-            parent.stdin.flush()
-            lines = read_until(parent.stdout, [], ("saver", "saved"))  # its pid, and its first save done
-            assert "reaped\n" not in lines, "the saver died on its own"
+    for kill in range(1, 16):
+        saver = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path), str(1000 * kill)], stdout=subprocess.PIPE, text=True
+        )
+        # a guard, not a timing assert: a saver that never saves is killed, and the test fails on what it read
+        watchdog = threading.Timer(120, saver.kill)
+        watchdog.start()
+        try:
+            first = saver.stdout.readline()
+            assert first.startswith("saved"), f"the saver died (or hung) before its first save: {first!r}"
             time.sleep(rng.uniform(0, 0.2))  # then kill it at a random moment
-            os.kill(next(int(line.split()[1]) for line in lines if line.startswith("saver")), signal.SIGKILL)
-            lines = read_until(parent.stdout, lines, ("reaped",))
-            last = max(int(line.split()[1]) for line in lines if line.startswith("saved"))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the old copy, moved aside by the killed save, is fine too
-                loaded = VectorIndex.load(path, dim=16)
-            assert loaded.get("version").metadata["version"] in (last, last + 1)
-            assert len(loaded) == 1501 and loaded.search(loaded.get("version").vector, k=1).ids == ["version"]
-            leftovers = {p.name for p in tmp_path.iterdir()} - {"idx"}
-            assert len(leftovers) <= 2, (
-                leftovers
-            )  # the killed save's own copies at most: earlier ones are gone
-    finally:
-        watchdog.cancel()
-        parent.kill()
-        parent.wait()
+            saver.kill()
+            lines = [first, *saver.stdout]  # the pipe ends when the killed saver is gone
+        finally:
+            watchdog.cancel()
+            saver.kill()
+            saver.wait()
+        assert saver.returncode == -signal.SIGKILL, "the saver stopped on its own"
+        last = max(int(line.split()[1]) for line in lines if line.startswith("saved"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the old copy, moved aside by the killed save, is fine too
+            loaded = VectorIndex.load(path, dim=16)
+        assert loaded.get("version").metadata["version"] in (last, last + 1)
+        assert len(loaded) == 1501 and loaded.search(loaded.get("version").vector, k=1).ids == ["version"]
+        leftovers = {p.name for p in tmp_path.iterdir()} - {"idx"}
+        assert len(leftovers) <= 2, leftovers  # the killed save's own copies at most: earlier ones are gone
     loaded.save(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
 
