@@ -275,7 +275,7 @@ class OnnxEngine:
     """Next-token logits of the int8 ONNX model with per-request LoRA adapters; thread-safe, and sequences
     decoded at the same time are read together (`batching.Scheduler`: one forward pass per step).
 
-    `threads`: ONNX Runtime's intra-op threads (the runtime passes `torch_threads()`). `budget`: how many
+    `threads`: ONNX Runtime's intra-op threads (the runtime passes `cpu_limit.engine_threads()`). `budget`: how many
     tokens of recent prompts' KV states (up to `KEPT_TOKENS` a prompt) are kept, least recently used out, for
     prompts that start like an earlier one; 0 reads every prompt in full.
     `scheduler.peak`: the most sequences decoded in one step so far.
