@@ -1,6 +1,7 @@
-"""A cold start imports only what the first chats need (issue 16: first answer after set-up under 3 s).
+"""A cold start does only what the first chats need, and soon (issue 16: first answer after set-up under 3 s).
 
-A server process started as `connect()` starts one (`llmlab.local.process.run`), on the ONNX engine, answers
+A server process started as `connect()` starts one (`llmlab.local.process.run`), on the ONNX engine, begins
+loading the built chat model before any request (beside importing FastAPI and building the app), and answers
 plain, JSON-mode, tool-call and streamed chats and lists its models without importing torch or transformers
 (training, the torch engine and embeddings load them) or the `openai` SDK (~1 s: files and fine-tuning jobs
 render through its types, and tests/test_conformance.py checks the server's own dicts against them).
@@ -26,13 +27,19 @@ from llmlab.models import CHAT_MODEL_ID
 
 NOT_NEEDED = ("openai", "torch", "transformers", "sentence_transformers", "peft")
 
-# the server, and a thread that prints which of the modules named in argv[2] it has imported once told to
+# the server, and a thread that prints, when told, whether ONNX Runtime (the chat model's) gets imported within
+# a minute, then, told again, which of the modules named in argv[2] it has imported
 SERVER = """
-import json, sys, threading
+import json, sys, threading, time
 from pathlib import Path
 from llmlab.local.process import run
 
 def report() -> None:
+    sys.stdin.readline()
+    deadline = time.monotonic() + 60
+    while "onnxruntime" not in sys.modules and time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(json.dumps("onnxruntime" in sys.modules), flush=True)
     sys.stdin.readline()
     print(json.dumps(sorted(m for m in sys.argv[2].split(",") if m in sys.modules)), flush=True)
 
@@ -53,8 +60,15 @@ def _started(home: Path, child: subprocess.Popen, timeout: float = 120) -> OpenA
     raise TimeoutError("the server did not answer")
 
 
+def _told(child: subprocess.Popen) -> object:
+    """What the server `child` reports when told (a line on its stdin)."""
+    child.stdin.write("\n")
+    child.stdin.flush()
+    return json.loads(child.stdout.readline())
+
+
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime-genai is not installed here")
-def test_a_server_answers_its_first_chats_without_importing_the_sdk_torch_or_transformers():
+def test_a_server_loads_the_chat_model_at_once_and_chats_without_the_sdk_torch_or_transformers():
     build_onnx_model(TEST_HOME)  # prepared during set-up, as for a learner
     home = Path(tempfile.mkdtemp(prefix="llmlab-cold-test-"))
     (home / "weights").symlink_to((TEST_HOME / "weights").resolve(), target_is_directory=True)
@@ -66,6 +80,7 @@ def test_a_server_answers_its_first_chats_without_importing_the_sdk_torch_or_tra
         )
     try:
         client = _started(home, child)
+        assert _told(child), "no request yet, and the chat model did not begin loading"
         hi = [{"role": "user", "content": "Hi"}]
         tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
         chat = client.chat.completions.create
@@ -75,9 +90,7 @@ def test_a_server_answers_its_first_chats_without_importing_the_sdk_torch_or_tra
         assert called.choices[0].message.tool_calls[0].function.name == "get_time"
         assert [c.choices for c in chat(model="gpt-4o-mini", messages=hi, max_tokens=4, stream=True)]
         assert CHAT_MODEL_ID in [m.id for m in client.models.list()]  # the built app's list
-        child.stdin.write("\n")
-        child.stdin.flush()
-        imported = json.loads(child.stdout.readline())
+        imported = _told(child)
     finally:
         child.terminate()
         child.wait(30)
