@@ -36,7 +36,7 @@ _log = logging.getLogger(__name__)
 
 def model_entry(name: str, created: int) -> dict:
     """One model of the listing, as `openai.types.Model(...).model_dump(mode="json")` gives it (checked by
-    the server and by tests/test_backend.py); a chat model adds its `default_max_tokens`.
+    tests/test_backend.py and tests/test_conformance.py); a chat model adds its `default_max_tokens`.
 
     >>> model_entry("all-MiniLM-L6-v2", 0)
     {'id': 'all-MiniLM-L6-v2', 'created': 0, 'object': 'model', 'owned_by': 'llmlab'}
