@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -68,9 +67,9 @@ def _told(child: subprocess.Popen) -> object:
 
 
 @pytest.mark.skipif(not onnx_available(), reason="onnxruntime-genai is not installed here")
-def test_a_server_loads_the_chat_model_at_once_and_chats_without_the_sdk_torch_or_transformers():
+def test_a_server_loads_the_chat_model_at_once_and_chats_without_the_sdk_torch_or_transformers(tmp_path):
     build_onnx_model(TEST_HOME)  # prepared during set-up, as for a learner
-    home = Path(tempfile.mkdtemp(prefix="llmlab-cold-test-"))
+    home = tmp_path
     (home / "weights").symlink_to((TEST_HOME / "weights").resolve(), target_is_directory=True)
     env = {**os.environ, "LLMLAB_ENGINE": "onnx", "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-c", SERVER, str(home), ",".join(NOT_NEEDED)]
