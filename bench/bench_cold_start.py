@@ -2,6 +2,7 @@
 
     python bench/bench_cold_start.py          # prints a table, writes bench/results/cold_start.json
     python bench/bench_cold_start.py --base /tmp/base   # also the ONNX engine of another tree ("onnx@base")
+    python bench/bench_cold_start.py --engines onnx --repeats 2 --base /tmp/base   # a shorter run
 
 `--base TREE`: a checkout of an earlier commit (e.g. `git archive <commit> llmlab | tar -x -C /tmp/base`), whose
 `llmlab` the server then runs from, in the same rounds: a before/after under the same load.
@@ -110,12 +111,16 @@ def import_seconds(report: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="a tree of an earlier commit: its ONNX engine is measured too")
+    parser.add_argument(
+        "--engines", default=",".join(ENGINES), help="which engines of this tree (onnx,torch)"
+    )
+    parser.add_argument("--repeats", type=int, default=REPEATS, help="timed starts per setup (median)")
     args = parser.parse_args()
-    setups = {engine: (engine, str(REPO_ROOT)) for engine in ENGINES}
+    setups = {engine: (engine, str(REPO_ROOT)) for engine in args.engines.split(",")}
     if args.base:
         setups["onnx@base"] = ("onnx", args.base)
     runs: dict[str, list[dict]] = {name: [] for name in setups}
-    for _ in range(REPEATS):
+    for _ in range(args.repeats):
         for name, (engine, tree) in setups.items():
             runs[name].append(one_start(engine, tree=tree))
     profiled = {

@@ -9,6 +9,7 @@ import base64
 import enum
 import json
 import random
+import struct
 
 import openai
 import pydantic
@@ -361,3 +362,91 @@ def test_embeddings_refuse_inputs_over_openais_limit_and_truncate_at_256_word_pi
     head = " ".join(words[:300])  # well over 256 word pieces: the rest is never read
     a, b = client.embeddings.create(model=model, input=[f"{head} apples", f"{head} rockets"]).data
     assert a.embedding == b.embedding
+
+
+# -- 6. the server's own dicts are the SDK's types -------------------------------------------------------------
+# The server builds its chat, embedding and model answers as dicts, without the SDK (a cold start's second):
+# each shape it answers must parse as the SDK's type, every field in it one the SDK declares, nothing lost.
+CHAT_SHAPES = {
+    "plain, two choices, log-probs": {
+        "n": 2,
+        "seed": 1,
+        "max_tokens": 4,
+        "logprobs": True,
+        "top_logprobs": 2,
+    },
+    "JSON schema": {
+        "max_tokens": 16,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "w", "schema": Weather.model_json_schema()},
+        },
+    },
+    "tool calls": {"max_tokens": 30, "tools": WEATHER_TOOLS, "tool_choice": "required", "logprobs": True},
+    "legacy function call": {
+        "max_tokens": 30,
+        "functions": LEGACY_FUNCTIONS,
+        "function_call": {"name": "get_weather"},
+    },
+}
+
+
+def _undeclared(value: object, path: str = "") -> list[str]:
+    """Where in a parsed SDK object a field sits that its type does not declare (the SDK's models keep them)."""
+    if isinstance(value, pydantic.BaseModel):
+        found = [f"{path}.{key}" for key in value.model_extra or {}]
+        for name in type(value).model_fields:
+            found += _undeclared(getattr(value, name), f"{path}.{name}")
+        return found
+    if isinstance(value, list):
+        return [p for i, item in enumerate(value) for p in _undeclared(item, f"{path}[{i}]")]
+    return []
+
+
+def assert_sdk_shape(sdk_type: type[pydantic.BaseModel], body: dict, extra: tuple[str, ...] = ()) -> None:
+    """`body` parses as `sdk_type`, declares no field the SDK does not (but `extra`), and loses nothing."""
+    parsed = sdk_type.model_validate(body)
+    assert _undeclared(parsed) == list(extra), body
+    assert parsed.model_dump(mode="json", exclude_unset=True) == body
+
+
+@pytest.mark.parametrize("shape", sorted(CHAT_SHAPES))
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_answers_are_the_sdks_types(http, base_url, shape, stream):
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    body = {"model": MODEL, "messages": messages, "temperature": 0, **CHAT_SHAPES[shape]}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}, "n": 1}  # a stream has one choice
+    response = http.post(f"{base_url}/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    if not stream:
+        return assert_sdk_shape(ChatCompletion, response.json())
+    events = [line.removeprefix("data: ") for line in response.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and len(events) > 3
+    for event in events[:-1]:
+        assert_sdk_shape(ChatCompletionChunk, json.loads(event))
+
+
+ENCODINGS = ("float", "base64")
+
+
+def test_embeddings_models_and_deletions_are_the_sdks_types(client, http, base_url):
+    from openai.types import CreateEmbeddingResponse, FileDeleted, Model
+
+    body = {"model": "text-embedding-3-small", "input": ["Hi", "there"]}
+    answers = {
+        e: http.post(f"{base_url}/embeddings", json={**body, "encoding_format": e}).json() for e in ENCODINGS
+    }
+    for item in answers["base64"]["data"]:  # the SDK decodes base64 itself: its type holds the floats
+        raw = base64.b64decode(item["embedding"])
+        item["embedding"] = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    for answer in answers.values():
+        assert_sdk_shape(CreateEmbeddingResponse, answer)
+    listed = http.get(f"{base_url}/models").json()
+    assert listed["object"] == "list" and len(listed["data"]) >= 2
+    for model in [*listed["data"], http.get(f"{base_url}/models/{MODEL}").json()]:
+        assert_sdk_shape(Model, model, (".default_max_tokens",) if "default_max_tokens" in model else ())
+    uploaded = client.files.create(file=("note.txt", b"data"), purpose="user_data")
+    assert_sdk_shape(FileDeleted, http.delete(f"{base_url}/files/{uploaded.id}").json())

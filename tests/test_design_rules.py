@@ -4,7 +4,7 @@
 that break each rule have been planted: a helper importing the backend, a helper importing the ui, a helper
 importing the course, the token counter importing an HTTP client, the validator importing pandas, the backend
 importing the notebooks' dataset module, the prompt format importing the chat service above it, the routes
-importing the runtime. The notebooks are held to the same arrow:
+importing the runtime, the chat service importing the openai SDK. The notebooks are held to the same arrow:
 they reach models through the API only (their Colab set-up cell alone builds the weight cache).
 """
 
@@ -35,6 +35,7 @@ PLANTED = {
         "llmlab.local.chat_format -> llmlab.local.chat_service",
     ),
     "local/server.py": ("from llmlab.local import runtime", "llmlab.local.server -> llmlab.local.runtime"),
+    "local/chat_service.py": ("import openai", "llmlab.local.chat_service -> openai"),
 }
 
 

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+import typing
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -27,6 +28,7 @@ import openai
 import pytest
 from conftest import REPO, wait_for_job
 
+from llmlab.local import requests
 from llmlab.local.requests import ChatCompletionRequest, EmbeddingRequest, FineTuningJobRequest
 from llmlab.local.server import create_app, serve_app_in_thread
 
@@ -183,6 +185,13 @@ def test_every_openai_argument_is_declared():
     ]:
         missing = set(params.__annotations__) - set(model.model_fields)
         assert not missing, f"{model.__name__} does not declare {sorted(missing)}"
+
+
+def test_reasoning_effort_takes_the_sdks_values():
+    """`requests.ReasoningEffort` is written out (the server starts without the SDK): it is the SDK's."""
+    from openai.types.shared import ReasoningEffort
+
+    assert typing.get_args(requests.ReasoningEffort) == typing.get_args(ReasoningEffort)  # Literal: any order
 
 
 # -- files ---------------------------------------------------------------------------------------------------------

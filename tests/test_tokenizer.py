@@ -1,5 +1,5 @@
-"""The serving tokenizer (`ChatTokenizer`: tokenizer.json through `tokenizers` alone) is transformers' own, and
-a server on the ONNX engine answers chats without importing transformers or torch (a cold start of ~2 s).
+"""The serving tokenizer (`ChatTokenizer`: tokenizer.json through `tokenizers` alone) is transformers' own: a
+server on the ONNX engine answers chats without importing transformers (tests/test_cold_start.py).
 
 Both tokenizers read the chat model's weight cache (built by the session, see conftest). The ids of varied
 texts, the texts of ids (with and without special tokens), the special tokens, and the token bytes llguidance
@@ -8,18 +8,10 @@ sees (constrained decoding) must be the same, or an answer on the ONNX engine wo
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
 import pytest
-from conftest import REPO, TEST_HOME
+from conftest import TEST_HOME
 
 from llmlab.local import chat_format
-from llmlab.local.engine_onnx import build_onnx_model, onnx_available
 from llmlab.local.tokenizer import ChatTokenizer
 from llmlab.local.weights import build_weight_cache
 
@@ -76,35 +68,3 @@ def test_llguidance_sees_the_same_tokens(pair):
     for token in range(mine.vocab_size):
         assert mine.is_special_token(token) == reference.is_special_token(token)
         assert mine.decode_bytes([token]) == reference.decode_bytes([token])
-
-
-# a server in a process of its own: plain, JSON-mode and tool-calling chats, then the heavy modules it imported
-SERVE_CHATS = """
-import json, sys
-from openai import OpenAI
-from llmlab.local.server import create_app, serve_app_in_thread
-url, stop = serve_app_in_thread(create_app(sys.argv[1], api_key="k"))
-client = OpenAI(base_url=url, api_key="k")
-hi = [{"role": "user", "content": "Hi"}]
-tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
-client.chat.completions.create(model="gpt-4o-mini", messages=hi, max_tokens=4)
-client.chat.completions.create(model="gpt-4o-mini", messages=hi, max_tokens=8, response_format={"type": "json_object"})
-client.chat.completions.create(model="gpt-4o-mini", messages=hi, max_tokens=8, tools=[tool], tool_choice="auto")
-stop()
-print(json.dumps(sorted(m for m in ("torch", "transformers", "sentence_transformers", "peft") if m in sys.modules)))
-"""
-
-
-@pytest.mark.skipif(not onnx_available(), reason="onnxruntime-genai is not installed here")
-def test_the_onnx_engine_serves_chats_without_importing_torch_or_transformers():
-    """Plain, JSON-mode and tool-call chats on the ONNX engine: neither torch nor transformers is imported (they
-    cost a cold start seconds; training, the torch engine and embeddings load them when they are needed)."""
-    build_onnx_model(TEST_HOME)  # prepared during set-up, as for a learner
-    home = Path(tempfile.mkdtemp(prefix="llmlab-cold-test-"))
-    (home / "weights").symlink_to((TEST_HOME / "weights").resolve(), target_is_directory=True)
-    env = {**os.environ, "LLMLAB_ENGINE": "onnx", "PYTHONPATH": str(REPO)}
-    done = subprocess.run(
-        [sys.executable, "-c", SERVE_CHATS, str(home)], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == []

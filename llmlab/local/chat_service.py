@@ -4,7 +4,9 @@ A request flows route â†’ validated request (`requests.ChatCompletionRequest`) â
 service finds the model that serves the request (a fine-tuned one loads its adapter), renders the prompt
 once (`chat_format.render`), routes tools (`toolcalls`: tool_choice auto / none / required / a named
 function) and asks the runtime to generate. It answers OpenAI's `ChatCompletion` as a dict, or, for
-`stream=True`, an iterator of `ChatCompletionChunk` dicts that the route sends as server-sent events.
+`stream=True`, an iterator of `ChatCompletionChunk` dicts that the route sends as server-sent events. The dicts
+are built here without the `openai` package (importing it costs a cold start ~1 s): tests/test_conformance.py
+checks every shape the service answers against the SDK's own types.
 
 >>> service = ChatService(home, store, Models(home))  # doctest: +SKIP
 >>> service.complete({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]})  # doctest: +SKIP
@@ -19,8 +21,6 @@ import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
-
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from llmlab import openai_facts
 from llmlab.local.chat_format import render
@@ -223,16 +223,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def _completion(model: str, choices: list[dict], prompt_tokens: int, completion_tokens: int) -> dict:
-    completion = ChatCompletion(
-        id=new_id("chatcmpl-"),
-        object="chat.completion",
-        created=int(time.time()),
-        model=model,
-        choices=choices,
-        usage=_usage(prompt_tokens, completion_tokens),
-        system_fingerprint="llmlab",
-    )
-    return completion.model_dump(mode="json", exclude_unset=True)
+    """OpenAI's `ChatCompletion` as a dict."""
+    return {
+        "id": new_id("chatcmpl-"),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(prompt_tokens, completion_tokens),
+        "system_fingerprint": "llmlab",
+    }
 
 
 def _with_tools(
@@ -287,16 +287,15 @@ class _Chunks:
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> dict:
         """OpenAI's `ChatCompletionChunk` as a dict."""
-        chunk = ChatCompletionChunk(
-            id=self.id,
-            object="chat.completion.chunk",
-            created=self.created,
-            model=self.model,
-            choices=choices,
-            system_fingerprint="llmlab",
-            **({"usage": usage} if usage else {}),
-        )
-        return chunk.model_dump(mode="json", exclude_unset=True)
+        chunk = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "system_fingerprint": "llmlab",
+        }
+        return chunk | ({"usage": usage} if usage else {})
 
 
 def _stream(runtime: Any, prompt: str, options: dict, chunks: _Chunks, include_usage: bool) -> Chunks:

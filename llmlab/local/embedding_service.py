@@ -2,7 +2,8 @@
 
 The request is checked (`requests.EmbeddingRequest`, then OpenAI's input-length limit counted in OpenAI's
 own tokens) before the embedding model is asked; vectors come back as floats or base64 little-endian
-float32, as OpenAI sends them.
+float32, as OpenAI sends them. The response is built without the `openai` package (a cold start's second);
+tests/test_conformance.py checks it against the SDK's `CreateEmbeddingResponse`.
 
 >>> embeddings(Models(home), {"model": "text-embedding-3-small", "input": "Hi"})["usage"]  # doctest: +SKIP
 {'prompt_tokens': 3, 'total_tokens': 3}
@@ -11,8 +12,6 @@ float32, as OpenAI sends them.
 from __future__ import annotations
 
 import base64
-
-from openai.types import CreateEmbeddingResponse
 
 from llmlab import openai_facts
 from llmlab.local.errors import APIError, model_not_found
@@ -50,20 +49,21 @@ def embeddings(models: Models, body: dict) -> dict:
     runtime = models.embedding()
     vectors = runtime.embed(texts)
     tokens = runtime.count_tokens(texts)
-    response = CreateEmbeddingResponse(
-        data=[{"embedding": [], "index": i, "object": "embedding"} for i in range(len(texts))],
-        model=EMBEDDING_MODEL_ID,
-        object="list",
-        usage={"prompt_tokens": tokens, "total_tokens": tokens},
-    ).model_dump(mode="json")
-    for item, vector in zip(response["data"], vectors, strict=True):
+    data = []
+    for i, vector in enumerate(vectors):
         as_float32 = vector.astype("<f4")
-        item["embedding"] = (
+        embedding = (
             base64.b64encode(as_float32.tobytes()).decode("ascii")
             if encoding == "base64"
             else as_float32.tolist()
         )
-    return response
+        data.append({"embedding": embedding, "index": i, "object": "embedding"})
+    return {
+        "data": data,
+        "model": EMBEDDING_MODEL_ID,
+        "object": "list",
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def _check_input_lengths(texts: list[str]) -> None:

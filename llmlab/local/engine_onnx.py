@@ -169,6 +169,27 @@ def _build(weights: Path, out: Path) -> None:
         raise RuntimeError("building the ONNX model failed: no projection to give a LoRA branch")
 
 
+def onnx_model_folder(home: str | os.PathLike | None = None) -> Path:
+    """Where the int8 ONNX chat model of `home` (default `llmlab_home()`) is, or is to be, built.
+
+    >>> onnx_model_folder("/h").as_posix()
+    '/h/weights/SmolLM2-135M-Instruct-onnx-uint8-lora-r0'
+    """
+    from llmlab.models import CHAT_MODEL_ID
+    from llmlab.paths import llmlab_home
+
+    return (
+        (Path(home) if home is not None else llmlab_home())
+        / "weights"
+        / f"{CHAT_MODEL_ID}-onnx-uint8-lora-r0"
+    )
+
+
+def onnx_model_built(home: str | os.PathLike | None = None) -> bool:
+    """Whether the int8 ONNX chat model of `home` is built (a folder appears complete or not at all)."""
+    return (onnx_model_folder(home) / "genai_config.json").is_file()
+
+
 def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     """The int8 ONNX chat model's folder (with LoRA inputs) under `home` (default `llmlab_home()`), built
     first if missing. The float weight cache is built first if needed; the folder appears complete or not at all.
@@ -177,12 +198,9 @@ def build_onnx_model(home: str | os.PathLike | None = None) -> Path:
     'SmolLM2-135M-Instruct-onnx-uint8-lora-r0'
     """
     from llmlab.local.weights import build_folder_atomically, build_weight_cache
-    from llmlab.models import CHAT_MODEL_ID
-    from llmlab.paths import llmlab_home
 
-    home = Path(home) if home is not None else llmlab_home()
-    target = home / "weights" / f"{CHAT_MODEL_ID}-onnx-uint8-lora-r0"
-    if not (target / "genai_config.json").is_file():
+    target = onnx_model_folder(home)
+    if not onnx_model_built(home):
         weights = build_weight_cache(home)
         _log.warning(
             "building the int8 ONNX chat model in %s (once, ~30 s; `make setup` does it ahead)", target

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from openai.types.fine_tuning import FineTuningJob
-
 from llmlab.local.owner import Owner, owner_alive
 from llmlab.local.requests import FineTuningJobRequest
 from llmlab.local.store import Store, new_id, public
@@ -116,6 +114,8 @@ class JobRunner:
             "_parent_adapter_dir": parent,
             "_owner": self.owner.id,
         }
+        from openai.types.fine_tuning import FineTuningJob  # here: the server starts without the SDK
+
         FineTuningJob.model_validate(public(job))  # what is stored must render: checked before it is
         self.store.job_dir(job["id"]).mkdir(parents=True, exist_ok=True)
         self.store.save_job(job)

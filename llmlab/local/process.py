@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import secrets
 import signal
@@ -29,14 +30,18 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmlab.paths import atomic_write_text, llmlab_home
+
+if TYPE_CHECKING:
+    from llmlab.local.runtimes import Models
 
 RECORD, LOCK, LOG = "server.json", "server.lock", "server.log"
 DEFAULT_IDLE_TIMEOUT = 20 * 60.0  # seconds; Binder culls an idle session after 10 minutes anyway
 START_TIMEOUT = 120.0  # seconds to wait for a new server's first answer (or for another kernel starting one)
 PROBE_TIMEOUT = 5.0  # seconds a running server has to answer GET /v1/models
+_log = logging.getLogger(__name__)
 _children: dict[int, subprocess.Popen] = {}  # servers this process started: polled, so no zombie looks alive
 
 
@@ -286,12 +291,15 @@ def run(
     """Serve `home` in this process until stopped or idle, keeping its record while it runs.
 
     The port is bound and the record written before the app is built: `starting.StartingApp` answers
-    GET /v1/models at once while FastAPI, the `openai` types and the app are imported and made in a thread.
+    GET /v1/models at once while FastAPI and the app are imported and made in a thread. Meanwhile another
+    thread loads the chat model if it is built and served on ONNX (`ChatRuntime.load_if_built`): the first
+    chat waits for the slower of the two, not for both in turn.
     Bound to a non-loopback `host`, it answers any `Host` name (the CLI then requires an API key).
     """
     import uvicorn
 
     from llmlab.local.loopback import bind, is_loopback
+    from llmlab.local.runtimes import Models
     from llmlab.local.starting import StartingApp
 
     key = api_key or secrets.token_urlsafe(32)
@@ -303,11 +311,13 @@ def run(
         front, log_level=log_level, lifespan="off", timeout_keep_alive=30, timeout_graceful_shutdown=5
     )
     server = uvicorn.Server(config)
+    models = Models(home)
+    threading.Thread(target=_load_chat_model, args=(models,), name="llmlab-loading", daemon=True).start()
 
     def build() -> Any:
         from llmlab.local.server import create_app, stop_when_idle
 
-        app = create_app(home, api_key=key, allow_remote=allow_remote)
+        app = create_app(home, api_key=key, allow_remote=allow_remote, models=models)
         if idle_timeout:
             threading.Thread(target=stop_when_idle, args=(app, server, idle_timeout), daemon=True).start()
         return app
@@ -338,6 +348,15 @@ def run(
         server.run(sockets=[sock])
     finally:
         _remove_record(home, pid)
+
+
+def _load_chat_model(models: Models) -> None:
+    """Load the chat model ahead of the first chat if it is built and served on ONNX; a failure is left for
+    that chat to meet again and answer (as an error naming it)."""
+    try:
+        models.chat().load_if_built()
+    except Exception:
+        _log.warning("llmlab: loading the chat model ahead failed", exc_info=True)
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeVar
 
-from openai.types.shared import ReasoningEffort
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from llmlab.local.errors import APIError, request_error
@@ -26,6 +25,9 @@ from llmlab.local.errors import APIError, request_error
 MAX_N = 8  # completions per chat request (OpenAI allows 128; each one is generated on a small CPU)
 MAX_EMBEDDING_INPUTS = 2048  # texts per embeddings request, as OpenAI
 MAX_SCHEMA_DEPTH = 64  # nesting of a JSON schema in a tool or a response format
+# the SDK's `openai.types.shared.ReasoningEffort`, written out: the server starts without importing the SDK
+# (tests/test_server_hardening.py checks that the two agree)
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None
 
 Request = TypeVar("Request", bound=BaseModel)
 

@@ -35,7 +35,13 @@ import numpy as np
 
 from llmlab.local.chat_format import END, render
 from llmlab.local.cpu_limit import engine_threads
-from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name
+from llmlab.local.engine_onnx import (
+    AdapterError,
+    OnnxEngine,
+    build_onnx_model,
+    engine_name,
+    onnx_model_built,
+)
 from llmlab.local.matchers import Matchers
 from llmlab.local.prompt_cache import PromptCache
 from llmlab.local.tokenizer import ChatTokenizer
@@ -234,6 +240,17 @@ class ChatRuntime:
             self._context_length = int(config["max_position_embeddings"])
             self._eos = {tokenizer.eos_token_id, *tokenizer.convert_tokens_to_ids([END])}
             self._tokenizer = tokenizer
+
+    def load_if_built(self) -> bool:
+        """Load the model now if the ONNX engine serves it and set-up has built it; False, loading nothing,
+        otherwise (on torch, the engine where memory is tight, and before set-up the first request loads it).
+
+        `process.run` calls it while the app is being built, so that the first chat of a cold start waits
+        for the slower of the two rather than for both."""
+        if self.engine != "onnx" or not onnx_model_built(self.home):
+            return False
+        self._ensure_loaded()
+        return True
 
     def _load_torch(self) -> Any:
         """Load the torch model and transformers' tokenizer (call with the load lock held)."""

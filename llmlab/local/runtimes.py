@@ -1,6 +1,7 @@
 """The models one server serves: a ChatRuntime and an EmbeddingRuntime, each loaded on first use.
 
-Loading takes seconds and hundreds of MB, so an app that only lists files never loads a model.
+Loading takes seconds and hundreds of MB, so an app that only lists files never loads a model (but a server
+process loads the chat model while it starts when it is built and served on ONNX: `process.run`).
 
 >>> models = Models(home)  # doctest: +SKIP
 >>> models.chat() is models.chat()  # doctest: +SKIP

@@ -2,8 +2,11 @@
 server-sent events), files and fine-tuning jobs, the API key and loopback guards, serving in a thread.
 
 The routes only parse and answer: a request flows route → validated request (`requests`) → service
-(`chat_service`, `embedding_service`, `jobs`) → runtime. Responses are built from the `openai.types`
-models; errors have OpenAI's body ``{"error": {"message", "type", "param", "code"}}`` (`errors`).
+(`chat_service`, `embedding_service`, `jobs`) → runtime. Files and fine-tuning jobs are rendered by the
+`openai.types` models, imported on the first such request: importing the SDK costs ~1 s, which the first
+chat of a cold start does not wait for (models, chats and embeddings are answered as dicts that
+tests/test_conformance.py checks against the SDK's types). Errors have OpenAI's body
+``{"error": {"message", "type", "param", "code"}}`` (`errors`).
 
 >>> base_url, stop = serve_app_in_thread(create_app(api_key="k"))  # doctest: +SKIP
 >>> from openai import OpenAI
@@ -29,9 +32,6 @@ from urllib.parse import quote
 import uvicorn
 from fastapi import Body, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.responses import Response, StreamingResponse
-from openai.types import FileDeleted, FileObject, Model
-from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
-from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 
 from llmlab.local.chat_service import ChatService, Chunks
 from llmlab.local.embedding_service import embeddings as create_embeddings
@@ -53,19 +53,16 @@ _log = logging.getLogger(__name__)
 class LocalBackend:
     """What one app serves: the store, the job runner, the models and the chat service (`app.state.backend`)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, models: Models | None = None) -> None:
         self.home = Path(home)
         self.store = Store(self.home)
-        self.models = Models(self.home)
+        self.models = models or Models(self.home)
         self.jobs = JobRunner(self.store, self.models.chat)
         self.chat = ChatService(self.home, self.store, self.models)
 
     def model_list(self) -> list[dict]:
         """What GET /v1/models lists (`starting.model_list`, which answers it while the server starts)."""
-        return _rendered(
-            model_list(self.store),
-            lambda m: Model.model_validate(m).model_dump(mode="json", exclude_unset=True),
-        )
+        return model_list(self.store)
 
 
 # -- chat: the chat service answers, the route sends its chunks as server-sent events ----------------------------
@@ -119,6 +116,8 @@ def _sse(chunks: Chunks) -> StreamingResponse:
 
 # -- fine-tuning -----------------------------------------------------------------------------------------------
 def _job(job: dict) -> dict:
+    from openai.types.fine_tuning import FineTuningJob
+
     return FineTuningJob.model_validate(public(job)).model_dump(mode="json")
 
 
@@ -136,10 +135,14 @@ def _rendered(records: list[dict], render: Callable[[dict], dict]) -> list[dict]
 
 
 def _event(event: dict) -> dict:
+    from openai.types.fine_tuning import FineTuningJobEvent
+
     return FineTuningJobEvent.model_validate(event).model_dump(mode="json")
 
 
 def _checkpoint(checkpoint: dict) -> dict:
+    from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
+
     return FineTuningJobCheckpoint.model_validate(public(checkpoint)).model_dump(
         mode="json", exclude_none=True
     )
@@ -174,6 +177,8 @@ def _get_file(backend: LocalBackend, file_id: str) -> dict:
 
 
 def _file(record: dict) -> dict:
+    from openai.types import FileObject
+
     return FileObject.model_validate(public(record)).model_dump(mode="json", exclude_none=True)
 
 
@@ -189,13 +194,17 @@ def content_disposition(filename: str) -> str:
 
 # -- the app ---------------------------------------------------------------------------------------------------
 def create_app(
-    home: Path | str | None = None, api_key: str | None = None, allow_remote: bool = False
+    home: Path | str | None = None,
+    api_key: str | None = None,
+    allow_remote: bool = False,
+    models: Models | None = None,
 ) -> FastAPI:
     """The FastAPI app serving the llmlab home `home` (default: `llmlab_home()`).
 
-    `api_key` guards every request; unless `allow_remote`, only loopback `Host` names are served.
+    `api_key` guards every request; unless `allow_remote`, only loopback `Host` names are served. `models`:
+    the home's models, when made before the app (default: made here, each loaded on first use).
     """
-    backend = LocalBackend(Path(home) if home else llmlab_home())
+    backend = LocalBackend(Path(home) if home else llmlab_home(), models)
     app = FastAPI(
         title="llmlab local OpenAI-compatible server", docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -259,7 +268,7 @@ def create_app(
     def delete_file(file_id: str) -> dict:
         _get_file(backend, file_id)
         backend.store.delete_file(file_id)
-        return FileDeleted(id=file_id, object="file", deleted=True).model_dump(mode="json")
+        return {"id": file_id, "deleted": True, "object": "file"}
 
     @app.post("/v1/fine_tuning/jobs")
     def create_job(request: JsonBody) -> dict:

@@ -1,11 +1,11 @@
 """The server's first second: answer ``GET /v1/models`` while the app itself is still being built.
 
-Building the app means importing FastAPI and the `openai` types (1-3 s on a small machine); the port is
-bound and `connect()` is told where it is before that. `StartingApp` is what uvicorn serves from the
-first moment: until the real app is ready it answers the one request `connect()` waits for — a
+Building the app means importing FastAPI (0.5-1 s on a small machine); the port is bound and `connect()`
+is told where it is before that. `StartingApp` is what uvicorn serves from the first moment: until the real app is ready it answers the one request `connect()` waits for — a
 ``GET /v1/models`` with the server's key, addressed to a loopback host, from no foreign web page — with
 the home's model list; every other request waits for the real app, which answers it (errors included).
-Once the app is ready, every request goes to it. The models themselves load on first use, as always.
+Once the app is ready, every request goes to it. The models load on first use (the chat model, when built
+and served on ONNX, while the app is being built: `process.run`).
 
 >>> front = StartingApp(home, api_key=key)                           # doctest: +SKIP
 >>> front.start(lambda: create_app(home, api_key=key), on_error=stop)  # doctest: +SKIP
@@ -36,7 +36,7 @@ _log = logging.getLogger(__name__)
 
 def model_entry(name: str, created: int) -> dict:
     """One model of the listing, as `openai.types.Model(...).model_dump(mode="json")` gives it (checked by
-    the server and by tests/test_backend.py); a chat model adds its `default_max_tokens`.
+    tests/test_backend.py and tests/test_conformance.py); a chat model adds its `default_max_tokens`.
 
     >>> model_entry("all-MiniLM-L6-v2", 0)
     {'id': 'all-MiniLM-L6-v2', 'created': 0, 'object': 'model', 'owned_by': 'llmlab'}
