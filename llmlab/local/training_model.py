@@ -17,16 +17,16 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmlab.local.memory_limit import pages_let_go
 from llmlab.local.weights import build_weight_cache, mapped_tensor, safetensors_header
 
-_LIBC = ctypes.CDLL(None) if sys.platform.startswith("linux") else None  # madvise's semantics: Linux's
+_LIBC = ctypes.CDLL(None) if pages_let_go({}) else None  # madvise with Linux's semantics
 _MADV_DONTNEED = 4
 
 
