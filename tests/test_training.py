@@ -361,7 +361,7 @@ def test_checkpointing_where_memory_is_tight_trains_the_same_adapter(rt, tmp_pat
 
 
 def test_training_beside_the_onnx_engine_loads_no_fp32_torch_model(rt, tmp_path):
-    """Where ONNX serves, a job trains on a bf16-stored model of its own (~270 MB, freed after the job) instead
+    """Where ONNX serves, a job trains on a model of its own (its matrices mapped, freed after the job) instead
     of loading the fp32 torch model (~540 MB, kept while the server lives) beside the ONNX one."""
     from llmlab.local.runtime import ChatRuntime
 
