@@ -60,3 +60,29 @@ def test_checkpointing_follows_binders_limit_the_cgroup_or_the_switch(tmp_path):
     )
     with pytest.raises(ValueError, match="LLMLAB_ACTIVATION_CHECKPOINTING must be"):
         checkpointing_wanted({"LLMLAB_ACTIVATION_CHECKPOINTING": "sometimes"})
+
+
+def test_the_engine_reads_with_the_cores_the_cgroup_allows(tmp_path):
+    """Binder's containers see the host's cores but get a CPU quota (cgroup v2 `cpu.max`, v1 `cfs_quota_us`):
+    the ONNX engine takes as many threads as the quota allows, at most 4, unless LLMLAB_THREADS says."""
+    import os
+
+    from llmlab.local.cpu_limit import MAX_ENGINE_THREADS, available_cpus, engine_threads
+
+    cores = len(os.sched_getaffinity(0))
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    v2.mkdir()
+    (v1 / "cpu").mkdir(parents=True)
+    (v2 / "cpu.max").write_text("max 100000\n")  # no quota
+    assert available_cpus(v2) == cores == available_cpus(tmp_path / "none")
+    assert engine_threads({}, v2) == min(cores, MAX_ENGINE_THREADS)
+    (v2 / "cpu.max").write_text("100000 100000\n")  # one core
+    assert available_cpus(v2) == 1 and engine_threads({}, v2) == 1
+    (v2 / "cpu.max").write_text("50000 100000\n")  # half a core: still one thread
+    assert engine_threads({}, v2) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(v1) == 1
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # v1: no quota
+    assert available_cpus(v1) == cores
+    assert engine_threads({"LLMLAB_THREADS": "3"}, v2) == 3

@@ -191,12 +191,16 @@ def hybrid(
     k: int = 3,
     max_tokens: int = 60,
 ) -> System:
-    """All three at once: a (fine-tuned) model, the top `k` chunks of `kb` as context, and `tools` it may call."""
+    """All three at once: a (fine-tuned) model, the top `k` chunks of `kb` as context, and `tools` it may call.
+
+    The context goes in the user message: the system message and the tools after it are then the same for
+    every question, and the local server reads them once (~330 tokens fewer to read per question).
+    """
 
     def ask(question: str) -> Reply:
         start = time.perf_counter()
         hits = kb.search(question, k=k)
-        messages = build_prompt(question, hits)
+        messages = build_prompt(question, hits, context_in="user")
         if system_prompt:
             messages[0] = {"role": "system", "content": f"{system_prompt}\n\n{messages[0]['content']}"}
         text, requests, calls = _run_tools(kb.lab, messages, tools, model, tool_choice, max_tokens)

@@ -47,6 +47,12 @@ _log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx")
 MIN_REUSE = 16  # a kept prefix shorter than this is not worth reusing
 KEPT_TOKENS = 2048  # a longer prompt's KV states (46 KB a token) are not kept
+# the kept prompts' tokens in all (~380 MB at most, reached only with many long prompts in flight): eight
+# requests with ~800-token prompts (a RAG context and tools) each find their own prompt still kept when their
+# next read comes (a tool_choice "auto" decision reads the prompt, then the answer starts from it). With two
+# prompts kept, or any budget under the eight prompts (least recently used out, each read pushes out the
+# next one needed), each was read twice: 07's hybrid ran 1.8x slower eight at a time than one by one
+KEPT_BUDGET = 8192
 # the projections of each decoder layer as the builder names them -> the peft modules they hold, in order
 # (the builder packs q, k and v into one MatMul)
 PROJECTIONS = {
@@ -271,13 +277,13 @@ class OnnxEngine:
     """Next-token logits of the int8 ONNX model with per-request LoRA adapters; thread-safe, and sequences
     decoded at the same time are read together (`batching.Scheduler`: one forward pass per step).
 
-    `threads`: ONNX Runtime's intra-op threads (the runtime passes `torch_threads()`). `keep`: how many
-    prompts' KV states (up to `KEPT_TOKENS` each) are kept for prompts that start like an earlier one; 0 reads
-    every prompt in full.
+    `threads`: ONNX Runtime's intra-op threads (the runtime passes `cpu_limit.engine_threads()`). `budget`: how many
+    tokens of recent prompts' KV states (up to `KEPT_TOKENS` a prompt) are kept, least recently used out, for
+    prompts that start like an earlier one; 0 reads every prompt in full.
     `scheduler.peak`: the most sequences decoded in one step so far.
     """
 
-    def __init__(self, folder: str | os.PathLike, threads: int = 1, keep: int = 2) -> None:
+    def __init__(self, folder: str | os.PathLike, threads: int = 1, budget: int = KEPT_BUDGET) -> None:
         import onnxruntime as ort
 
         from llmlab.local.batching import Scheduler
@@ -298,7 +304,7 @@ class OnnxEngine:
         self._lock = threading.Lock()  # around every run of the session
         self.scheduler = Scheduler(self.session, self._lock, self.layers, *self._kv_shape)
         self._adapters: dict[str | None, dict[str, Any]] = {None: {}}  # name -> its LoRA inputs (OrtValues)
-        self.keep = keep
+        self.budget = budget
         self._kept: list[_Kept] = []  # least recently used first
 
     # -- adapters -------------------------------------------------------------------------------------------
@@ -355,10 +361,21 @@ class OnnxEngine:
             feeds.update(zip(self.scheduler.past_names, past, strict=True))
             feeds.update(self._adapters[adapter])
             logits, *kv = self.session.run(["logits", *self.scheduler.present_names], feeds)
-            if self.keep and MIN_REUSE <= len(ids) <= KEPT_TOKENS:
-                self._kept.append(_Kept(adapter, list(ids), kv))
-                del self._kept[: -self.keep]
+            self._remember(_Kept(adapter, list(ids), kv))
         return logits[0, -keep:], kv, done
+
+    def _remember(self, new: _Kept) -> None:
+        """Keep `new` in place of the kept prompts it starts with, unless a kept prompt starts with it; then
+        drop the least recently used until the budget holds. Call with the lock held."""
+        if not MIN_REUSE <= len(new.ids) <= min(KEPT_TOKENS, self.budget):
+            return
+        mine = [k for k in self._kept if k.adapter == new.adapter]
+        if any(k.ids[: len(new.ids)] == new.ids for k in mine):
+            return  # a kept one already holds all of it
+        self._kept = [k for k in self._kept if k.adapter != new.adapter or new.ids[: len(k.ids)] != k.ids]
+        self._kept.append(new)
+        while sum(len(k.ids) for k in self._kept) > self.budget:
+            self._kept.pop(0)
 
     def start(
         self, ids: list[int], adapter: str | None = None, keep: int = 1

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmlab.local.chat_format import END, render
+from llmlab.local.cpu_limit import engine_threads
 from llmlab.local.engine_onnx import AdapterError, OnnxEngine, build_onnx_model, engine_name
 from llmlab.local.matchers import Matchers
 from llmlab.local.prompt_cache import PromptCache
@@ -226,7 +227,7 @@ class ChatRuntime:
             self._weights = build_weight_cache(self.home)
             tokenizer = ChatTokenizer(self._weights)
             if self.engine == "onnx":
-                self._onnx = OnnxEngine(build_onnx_model(self.home), threads=self.threads)
+                self._onnx = OnnxEngine(build_onnx_model(self.home), threads=engine_threads())
             else:
                 self._load_torch()
             config = json.loads((self._weights / "config.json").read_text(encoding="utf-8"))
