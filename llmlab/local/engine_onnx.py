@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from llmlab.local.memory_limit import memory_is_tight
+from llmlab.local.memory_limit import memory_is_tight, pages_let_go
 
 _log = logging.getLogger(__name__)
 ENGINES = ("torch", "onnx")
@@ -85,17 +85,19 @@ def onnx_available() -> bool:
 
 def engine_name(environ: Mapping[str, str] = os.environ) -> str:
     """The chat engine: `$LLMLAB_ENGINE` ("torch" or "onnx") when set, else "onnx" where onnxruntime-genai is
-    installed and memory is not tight, and "torch" where it is not installed or where memory is tight (under
-    4 GiB, as on Binder: a LoRA job shares torch's weights, while the ONNX model would sit beside them).
+    installed, and "torch" where it is not, or where memory is tight (under 4 GiB, as on Binder) and a LoRA job
+    beside the ONNX model could not let its weights' pages go (`memory_limit.pages_let_go`: not Linux, or bf16
+    training asked for); torch's weights a job shares.
 
     >>> engine_name({"LLMLAB_ENGINE": "torch"}), engine_name({"LLMLAB_ENGINE": " ONNX "})
     ('torch', 'onnx')
-    >>> engine_name({"MEM_LIMIT": str(2 * 2**30)})
+    >>> engine_name({"MEM_LIMIT": str(2 * 2**30), "LLMLAB_TRAINING_BF16": "1"})
     'torch'
     """
     name = (environ.get("LLMLAB_ENGINE") or "").strip().lower()
     if not name:
-        return "onnx" if onnx_available() and not memory_is_tight(environ) else "torch"
+        tight = memory_is_tight(environ) and not pages_let_go(environ)
+        return "onnx" if onnx_available() and not tight else "torch"
     if name not in ENGINES:
         raise ValueError(f"LLMLAB_ENGINE must be one of {', '.join(ENGINES)}, not {name!r}")
     return name

@@ -4,8 +4,11 @@ Binder and JupyterHub give a learner 1-2 GB for everything (they say so in `MEM_
 cgroup); a laptop has many GB. Where the limit is tight (under 4 GiB):
 - training recomputes activations (activation checkpointing: the same losses, ~30% more time per step, ~90 MB
   less per tutorial example); `LLMLAB_ACTIVATION_CHECKPOINTING` = `1` / `0` forces it on or off;
-- the chat model is served by torch, whose weights a LoRA job shares, not by the int8 ONNX engine beside them
-  (~360 MB more at a job's peak); `LLMLAB_ENGINE` forces either (`llmlab.local.engine_onnx.engine_name`).
+- the int8 ONNX engine serves only where a LoRA job beside it lets its frozen weights' pages go after each use
+  (`pages_let_go`: Linux, fp32 training): Binder's scenario then peaks at 1,325 MB for all processes vs 1,475
+  on torch (bench/bench_backend.py --memory-only); elsewhere torch serves, whose weights a job shares (the job's
+  own copy beside ONNX would cost ~400 MB more); `LLMLAB_ENGINE` forces either
+  (`llmlab.local.engine_onnx.engine_name`).
 
 >>> checkpointing_wanted({"MEM_LIMIT": "2147483648"}), checkpointing_wanted({"LLMLAB_ACTIVATION_CHECKPOINTING": "0"})
 (True, False)
@@ -14,6 +17,7 @@ cgroup); a laptop has many GB. Where the limit is tight (under 4 GiB):
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -82,3 +86,14 @@ def memory_is_tight(environ: Mapping[str, str] = os.environ, **limit_sources: Pa
     """
     limit = memory_limit_bytes(environ, **limit_sources)
     return limit is not None and limit < TIGHT_BYTES
+
+
+def pages_let_go(environ: Mapping[str, str] = os.environ, platform: str = sys.platform) -> bool:
+    """Whether a LoRA job beside the ONNX engine maps its frozen fp32 matrices from the weight cache and lets
+    their pages go after each use (`training_model`, with Linux's `madvise`), holding about one matrix of them
+    resident: on Linux, unless `LLMLAB_TRAINING_BF16=1` asks for bf16 copies.
+
+    >>> pages_let_go({}, "linux"), pages_let_go({"LLMLAB_TRAINING_BF16": "1"}, "linux"), pages_let_go({}, "darwin")
+    (True, False, False)
+    """
+    return platform.startswith("linux") and environ.get("LLMLAB_TRAINING_BF16") != "1"

@@ -11,9 +11,9 @@ only assistant tokens (the content and the closing `<|im_end|>`; `weight: 0` tur
 runs on `runtime.base_view()`: a second module tree over the serving model's own frozen weight tensors,
 so serving continues (base and other adapters) while it trains and no second copy of the weights is
 made. Where the ONNX engine serves (the torch model is not loaded for serving), training instead builds a
-model of its own from the same float weight cache (`training_model`; its frozen matrices in bf16 on request, half the memory; their
-products are bf16, while the LoRA weights and their math, the norms, the loss and the optimizer stay fp32),
-freed when the job ends. The LM head and the loss are computed only at the positions that have a target, which keeps the
+model of its own from the same float weight cache (`training_model`: on Linux its fp32 matrices memory-mapped, their
+pages let go after each use; in bf16 on request, whose products are bf16, while the LoRA weights and their math,
+the norms, the loss and the optimizer stay fp32), freed when the job ends. The LM head and the loss are computed only at the positions that have a target, which keeps the
 full-vocabulary logits (the bulk of the memory) small.
 """
 
@@ -307,7 +307,7 @@ def _train(
         target_modules="all-linear",
         task_type="CAUSAL_LM",
     )
-    # on torch the serving model's own tensors; on ONNX a bf16-stored copy (the fp32 one is not resident)
+    # on torch the serving model's own tensors; on ONNX a model of its own (fp32 mapped from the cache, or bf16)
     view = bf16_training_model(runtime) if runtime.engine == "onnx" else runtime.base_view()
     if checkpointing_wanted():
         # Keep each decoder layer's input only and recompute its insides during backward: a training step's

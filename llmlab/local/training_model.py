@@ -1,29 +1,42 @@
 """The frozen model a LoRA job trains on where the ONNX engine serves (the torch model is not loaded to serve):
 built from the same float weight cache, its matrices fp32, or bf16 with `LLMLAB_TRAINING_BF16=1` where the CPU
-multiplies bf16 in hardware (~175 MB less at a job's peak; same step time here, but notebook 02b's format fine-tune
-then kept 4 of 8 general answers, not 6: opt-in until measured on more runs); its outputs fp32. Freed when the
-job ends.
+multiplies bf16 in hardware (same step time here, but notebook 02b's format fine-tune then kept 4 of 8 general
+answers, not 6: opt-in until measured on more runs); its outputs fp32. Freed when the job ends.
+
+On Linux the fp32 matrices are not copied: they are memory-mapped from the weight cache (copy-on-write, never
+written) and each matrix's pages leave the process's resident memory after each use (`madvise(MADV_DONTNEED)`;
+they stay in the page cache, and the next use maps them again). A job beside the ONNX engine then holds about
+one matrix of them resident instead of ~540 MB: the server's peak with a tutorial job went from 1,565 to
+1,153 MB (bench/bench_backend.py --memory-only), the same losses, for a few % more time per step.
 
 >>> model = bf16_training_model(runtime)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import json
+import ctypes
+import mmap
 import os
-import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from llmlab.local.memory_limit import pages_let_go
+from llmlab.local.weights import build_weight_cache, mapped_tensor, safetensors_header
+
+_LIBC = ctypes.CDLL(None) if pages_let_go({}) else None  # madvise with Linux's semantics
+_MADV_DONTNEED = 4
+
 
 class _Bf16Linear(torch.nn.Linear):
     """A frozen linear layer whose weight is stored in bf16 (or fp32): its input is cast to that, its output is fp32."""
 
+    mapped = False  # its weight is memory-mapped from the weight cache: its pages are let go after each use
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _Bf16Matmul.apply(x, self.weight)
+        return _Bf16Matmul.apply(x, self.weight, self.mapped)
 
 
 class _Bf16Embedding(torch.nn.Embedding):
@@ -41,14 +54,32 @@ class _Bf16Matmul(torch.autograd.Function):
     to fp32 at every use made a step 2.5x slower), the result fp32; only the gradient of `x` is computed."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, mapped: bool) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return (x.to(weight.dtype) @ weight.T).float()
+        ctx.mapped = mapped
+        out = (x.to(weight.dtype) @ weight.T).float()
+        if mapped:
+            _let_go(weight)
+        return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (weight,) = ctx.saved_tensors
-        return (grad.to(weight.dtype) @ weight).float(), None
+        out = (grad.to(weight.dtype) @ weight).float()
+        if ctx.mapped:
+            _let_go(weight)
+        return out, None, None
+
+
+def _let_go(weight: torch.Tensor) -> None:
+    """Unmap the pages of a frozen weight memory-mapped copy-on-write and never written (`madvise(MADV_DONTNEED)`):
+    they leave the process's resident memory and stay in the page cache, from which the next use maps them
+    again (a minor fault each). Only the pages wholly inside the tensor are let go."""
+    page = mmap.PAGESIZE
+    start = -(-weight.data_ptr() // page) * page
+    end = (weight.data_ptr() + weight.nbytes) // page * page
+    if end > start:
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def native_bf16(cpuinfo: str | None = None) -> bool:
@@ -78,12 +109,10 @@ def native_bf16(cpuinfo: str | None = None) -> bool:
 def _read_float_tensors(
     path: Path, dtype: torch.dtype = torch.bfloat16
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The fp32 tensors of a safetensors file, read (not memory-mapped: mapped pages would stay resident)
-    and converted one at a time: 2-D ones to `dtype`, the rest (norms) kept fp32."""
+    """The fp32 tensors of a safetensors file, read (bf16, or where pages cannot be let go: mapped pages would
+    stay resident) and converted one at a time: 2-D ones to `dtype`, the rest (norms) kept fp32."""
     with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-        start = 8 + size
+        header, start = safetensors_header(f)
         for name, info in header.items():
             if name == "__metadata__":
                 continue
@@ -107,6 +136,15 @@ def _read_float_tensors(
             yield name, out
 
 
+def _mapped_float_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The fp32 tensors of a safetensors file, memory-mapped copy-on-write (no copy; pages read when used)."""
+    with open(path, "rb") as f:
+        header, _ = safetensors_header(f)
+    for name in header:
+        if name != "__metadata__":
+            yield name, torch.from_numpy(mapped_tensor(path, name))
+
+
 def bf16_training_model(runtime: Any, dtype: torch.dtype | None = None) -> Any:
     """A frozen `LlamaForCausalLM` of `runtime`'s float weight cache with its matrices in bf16 (~270 MB, not
     ~540 MB) and fp32 outputs; for training where the torch model is not loaded to serve. `dtype`: the
@@ -119,8 +157,6 @@ def bf16_training_model(runtime: Any, dtype: torch.dtype | None = None) -> Any:
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from llmlab.local.weights import build_weight_cache
-
     cache = build_weight_cache(runtime.home)
     config = AutoConfig.from_pretrained(cache)
     with torch.device("meta"):
@@ -129,7 +165,14 @@ def bf16_training_model(runtime: Any, dtype: torch.dtype | None = None) -> Any:
     if dtype is None:
         wanted = os.environ.get("LLMLAB_TRAINING_BF16") == "1"
         dtype = torch.bfloat16 if wanted and native_bf16() else torch.float32
-    for name, tensor in _read_float_tensors(cache / "model.safetensors", dtype):
+    # fp32 on Linux: the weights are memory-mapped and each matrix's pages let go after each use (`_let_go`),
+    # so a step holds about one matrix of them resident, not ~540 MB (the rest stays in the page cache)
+    mapped = dtype == torch.float32 and _LIBC is not None
+    if mapped:
+        tensors = _mapped_float_tensors(cache / "model.safetensors")
+    else:
+        tensors = _read_float_tensors(cache / "model.safetensors", dtype)
+    for name, tensor in tensors:
         params.pop(name)
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
@@ -141,6 +184,7 @@ def bf16_training_model(runtime: Any, dtype: torch.dtype | None = None) -> Any:
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.__class__ = _Bf16Linear
+            module.mapped = mapped
         elif type(module) is torch.nn.Embedding:
             module.__class__ = _Bf16Embedding
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):

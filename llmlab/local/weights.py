@@ -11,13 +11,17 @@ transformers are imported only when weights are built or loaded, not when a fold
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+
+import numpy as np
 
 from llmlab.models import CHAT_MODEL_ID, smollm2_gguf_path
 from llmlab.paths import llmlab_home
@@ -110,3 +114,31 @@ def load_chat_model(home: Path) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(cache, dtype=torch.float32).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def safetensors_header(f: BinaryIO) -> tuple[dict, int]:
+    """(the header, the offset of the data) of the safetensors file open in `f` (its position is then the data).
+
+    >>> with open(cache / "model.safetensors", "rb") as f:  # doctest: +SKIP
+    ...     header, start = safetensors_header(f)
+    >>> header["model.norm.weight"]["shape"]  # doctest: +SKIP
+    [576]
+    """
+    (size,) = struct.unpack("<Q", f.read(8))
+    return json.loads(f.read(size)), 8 + size
+
+
+def mapped_tensor(path: Path, name: str) -> np.ndarray:
+    """The fp32 tensor `name` of the safetensors file `path`, memory-mapped copy-on-write: no copy is made and
+    only the pages used are read (the ONNX engine and a job's training model share the embedding table so).
+
+    >>> mapped_tensor(cache / "model.safetensors", "model.embed_tokens.weight").shape  # doctest: +SKIP
+    (49152, 576)
+    """
+    with open(path, "rb") as f:
+        header, start = safetensors_header(f)
+    info = header[name]
+    if info["dtype"] != "F32":
+        raise ValueError(f"{path}: {name} is {info['dtype']}, not F32")
+    offset = start + info["data_offsets"][0]
+    return np.memmap(path, dtype=np.float32, mode="c", offset=offset, shape=tuple(info["shape"]))
