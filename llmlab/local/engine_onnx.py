@@ -53,6 +53,20 @@ KEPT_TOKENS = 2048  # a longer prompt's KV states (46 KB a token) are not kept
 # prompts kept, or any budget under the eight prompts (least recently used out, each read pushes out the
 # next one needed), each was read twice: 07's hybrid ran 1.8x slower eight at a time than one by one
 KEPT_BUDGET = 8192
+KEPT_BUDGET_TIGHT = (
+    2048  # where memory is tight (Binder): ~94 MB at most, the torch engine's prompt cache too
+)
+
+
+def kept_budget(environ: Mapping[str, str] = os.environ) -> int:
+    """Tokens of prompts' KV states the engine keeps: `KEPT_BUDGET`, or `KEPT_BUDGET_TIGHT` where memory is tight.
+
+    >>> kept_budget({"MEM_LIMIT": str(2 * 2**30)}), kept_budget({"MEM_LIMIT": str(16 * 2**30)})
+    (2048, 8192)
+    """
+    return KEPT_BUDGET_TIGHT if memory_is_tight(environ) else KEPT_BUDGET
+
+
 # the projections of each decoder layer as the builder names them -> the peft modules they hold, in order
 # (the builder packs q, k and v into one MatMul)
 PROJECTIONS = {
@@ -296,12 +310,12 @@ class OnnxEngine:
     decoded at the same time are read together (`batching.Scheduler`: one forward pass per step).
 
     `threads`: ONNX Runtime's intra-op threads (the runtime passes `cpu_limit.engine_threads()`). `budget`: how many
-    tokens of recent prompts' KV states (up to `KEPT_TOKENS` a prompt) are kept, least recently used out, for
-    prompts that start like an earlier one; 0 reads every prompt in full.
+    tokens of recent prompts' KV states (default `kept_budget()`; up to `KEPT_TOKENS` a prompt) are kept, least
+    recently used out, for prompts that start like an earlier one; 0 reads every prompt in full.
     `scheduler.peak`: the most sequences decoded in one step so far.
     """
 
-    def __init__(self, folder: str | os.PathLike, threads: int = 1, budget: int = KEPT_BUDGET) -> None:
+    def __init__(self, folder: str | os.PathLike, threads: int = 1, budget: int | None = None) -> None:
         import onnxruntime as ort
 
         from llmlab.local.batching import Scheduler
@@ -322,7 +336,7 @@ class OnnxEngine:
         self._lock = threading.Lock()  # around every run of the session
         self.scheduler = Scheduler(self.session, self._lock, self.layers, *self._kv_shape)
         self._adapters: dict[str | None, dict[str, Any]] = {None: {}}  # name -> its LoRA inputs (OrtValues)
-        self.budget = budget
+        self.budget = kept_budget() if budget is None else budget
         self._kept: list[_Kept] = []  # least recently used first
 
     # -- adapters -------------------------------------------------------------------------------------------
