@@ -97,13 +97,9 @@ def _documents(items: Any) -> list[tuple[str | None, Path | None, str]]:
     return docs
 
 
-def build_prompt(question: str, hits: Iterable[Any], context_in: str = "system") -> list[dict]:
+def build_prompt(question: str, hits: Iterable[Any]) -> list[dict]:
     """The chat messages that ask `question` with the hits as numbered context (the seed's prompt), telling the
     model to say "I don't know" when the context does not hold the answer.
-
-    `context_in="user"` puts the context in the user message instead: the system message is then the same for
-    every question, so what follows it in the prompt (tools, say) is too, and a server's prompt cache reads
-    that part once instead of with every question.
 
     >>> from llmlab.index import Hit
     >>> for message in build_prompt("Dogs?", [Hit("d.md#0", 0.9, "On Thursdays.", {})]):
@@ -116,13 +112,6 @@ def build_prompt(question: str, hits: Iterable[Any], context_in: str = "system")
     """
     blocks = [f"[{i}] {(hit.text or '').strip()}" for i, hit in enumerate(hits, 1)]
     context = "\n\n".join(blocks) if blocks else "(no documents found)"
-    if context_in == "user":
-        return [
-            {"role": "system", "content": PROMPT_INTRO},
-            {"role": "user", "content": f"Context:\n{context}\n\nQuestion: {question}"},
-        ]
-    if context_in != "system":
-        raise ValueError(f"context_in must be 'system' or 'user', not {context_in!r}")
     return [
         {"role": "system", "content": f"{PROMPT_INTRO}\n\nContext:\n{context}"},
         {"role": "user", "content": f"Question: {question}"},

@@ -129,28 +129,6 @@ def test_evaluate_real_systems_on_the_local_backend(lab):
     assert rag_rows["retrieved"].map(type).eq(bool).all()
 
 
-def test_the_hybrid_sends_the_same_system_message_and_tools_with_every_question(lab):
-    """Only the user message (context and question) changes, so the server's prompt cache reads the system
-    message and the ~300 tokens of tools after it once; the retrieved context is still in the prompt."""
-    from llmlab.course import company
-    from llmlab.local.chat_format import render
-    from llmlab.rag import KnowledgeBase
-
-    kb = KnowledgeBase(lab)
-    kb.add_documents([DATA_DIR / "handbook" / "leave.md", DATA_DIR / "handbook" / "security.md"])
-    tools = company.company_tools()
-    hybrid = evaluation.hybrid(
-        kb, tools, system_prompt=company.system_prompt(), tool_choice="none", max_tokens=4
-    )
-    first, second = (hybrid(q) for q in ["How many leave days?", "Who is my manager?"])
-    (one,), (two,) = first.requests, second.requests
-    assert one["messages"][0] == two["messages"][0] and one["messages"][1] != two["messages"][1]
-    assert first.context.split("\n")[0] in one["messages"][1]["content"]
-    prompts = [render(r["messages"], r["tools"]) for r in (one, two)]
-    shared = next(i for i, (a, b) in enumerate(zip(*prompts, strict=False)) if a != b)
-    assert prompts[0][:shared].count('"name"') >= len(tools)  # every tool is in the shared part
-
-
 @pytest.mark.parametrize(
     ("k", "n", "low", "high"),
     [(0, 10, 0.0, 0.278), (5, 10, 0.237, 0.763), (10, 10, 0.722, 1.0), (1, 1, 0.207, 1.0)],

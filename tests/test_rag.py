@@ -111,20 +111,6 @@ def test_prompt_has_the_seed_shape():
     assert KnowledgeBase.build_prompt("Q?", []) == build_prompt("Q?", [])
 
 
-def test_the_context_can_go_in_the_user_message():
-    """The same words, the context moved to the user message: the system message is then one for all questions."""
-    hits = [Hit("leave.md#0", 0.8, "You get 27 days.", {"source": "leave.md"})]
-    system, user = build_prompt("How many days?", hits, context_in="user")
-    assert system == {
-        "role": "system",
-        "content": build_prompt("Other?", [], context_in="user")[0]["content"],
-    }
-    assert system["content"] == build_prompt("How many days?", hits)[0]["content"].split("\n\nContext:")[0]
-    assert user == {"role": "user", "content": "Context:\n[1] You get 27 days.\n\nQuestion: How many days?"}
-    with pytest.raises(ValueError, match="context_in"):
-        build_prompt("Q?", hits, context_in="assistant")
-
-
 def test_the_prompt_lets_the_model_abstain():
     """The Cookbook's QA lesson: the instruction to say "I don't know" is in every prompt, with or without hits."""
     for hits in ([Hit("a#0", 0.5, "Dogs come on Thursdays.", {})], []):
