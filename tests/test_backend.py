@@ -390,6 +390,30 @@ def test_a_server_without_fine_tuning_says_so_and_a_dead_url_fails_fast(home, mo
 
 
 # -- a starting server ------------------------------------------------------------------------------------------
+def test_a_client_that_reads_the_record_before_the_server_runs_is_answered(tmp_path):
+    """The record is written between binding the port and uvicorn's start (with the chat model loading beside
+    it, that can take a while): a client that connects then waits in the port's backlog and gets its answer.
+    Bound but not listening, it was refused (a CI run failed so: "Connection refused" right after the record)."""
+    import socket
+
+    import uvicorn
+
+    from llmlab.local.loopback import bind
+    from llmlab.local.starting import StartingApp
+
+    sock = bind()
+    early = socket.create_connection(sock.getsockname(), timeout=5)  # refused when the socket only binds
+    early.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer k\r\n\r\n")
+    front = StartingApp(tmp_path, api_key="k")
+    server = uvicorn.Server(uvicorn.Config(front, lifespan="off", log_level="warning"))
+    threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True).start()
+    try:
+        assert early.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        early.close()
+        server.should_exit = True
+
+
 def test_a_starting_server_lists_its_models_before_its_app_is_built(tmp_path):
     """From the port's first moment the server answers the key's GET /v1/models (what `connect()` waits for) with
     the same list the app gives; every other request, a wrong key or a web page's too, waits for the app."""

@@ -47,11 +47,14 @@ def refusal(headers: Mapping[str, str], allow_remote: bool) -> str | None:
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A socket bound to `host`:`port` (0 = a free port); OSError (EADDRINUSE) when the port is taken."""
+    """A socket bound to `host`:`port` (0 = a free port) and listening; OSError (EADDRINUSE) when the port is
+    taken. Listening at once, a client that read the server's record queues in the backlog until the server
+    accepts: bound only, its connection was refused until uvicorn began to listen (a CI run met that window)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)  # uvicorn's own backlog; it listens again on the same socket, which is fine
     except OSError:
         sock.close()
         raise
