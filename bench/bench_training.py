@@ -24,6 +24,7 @@ from _memory import peak_mb
 
 from llmlab.course.data import DATA_DIR
 from llmlab.local.chat_format import render
+from llmlab.local.cpu_limit import training_threads
 from llmlab.local.embedding_runtime import EmbeddingRuntime
 from llmlab.local.runtime import ChatRuntime, torch_threads
 from llmlab.local.training import LORA_ALPHA, LORA_RANK, encode_example, train_lora
@@ -77,7 +78,8 @@ def plain_loop(rt: ChatRuntime, data: list[dict]) -> int:
 
 
 def speed(rt: ChatRuntime, data: list[dict]) -> dict:
-    torch.set_num_threads(torch_threads())  # what train_lora uses, so both loops get the same cores
+    threads = training_threads(decoding=False)  # what a job alone trains with; both loops get the same cores
+    torch.set_num_threads(threads)
     out = {}
     for run in range(2):  # interleaved; the fastest of each counts
         start = time.perf_counter()
@@ -95,6 +97,7 @@ def speed(rt: ChatRuntime, data: list[dict]) -> dict:
                 learning_rate=LR,
                 seed=0,
                 out_dir=tempfile.mkdtemp(),
+                threads=threads,
             )
             ours[switch] = result.trained_tokens / (time.perf_counter() - start)
         out = {
@@ -102,7 +105,7 @@ def speed(rt: ChatRuntime, data: list[dict]) -> dict:
             "runtime_tok_s": max(ours["0"], out.get("runtime_tok_s", 0)),
             "runtime_checkpointed_tok_s": max(ours["1"], out.get("runtime_checkpointed_tok_s", 0)),
             "final_train_loss": result.train_loss,
-            "threads": torch_threads(),
+            "threads": threads,
             "run": run,
         }
     return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import threading
 from pathlib import Path
@@ -193,6 +194,37 @@ def test_serving_continues_while_training(rt, trained, tmp_path):
     thread.join()
     assert during[0] == before and during[1].completion_tokens > 0
     assert torch.is_grad_enabled()
+
+
+def test_a_job_alone_trains_on_the_available_cores_and_on_one_while_the_server_decodes(rt, tmp_path):
+    """Before each step training takes `training_threads`: every core when idle, one beside a generation
+    (a stream that has started and not ended holds the runtime's decoding count)."""
+    from llmlab.local.cpu_limit import available_cpus
+
+    if available_cpus() < 2 or "LLMLAB_THREADS" in os.environ:
+        pytest.skip("one core (or LLMLAB_THREADS set): nothing to choose")
+    prompt = render([{"role": "user", "content": "Tell me about the sea."}])
+
+    def threads_per_step(decoding: bool) -> list[int]:
+        seen: list[int] = []
+        stream = rt.stream(prompt, temperature=0, max_tokens=200)
+        if decoding:
+            next(stream)  # the generation is running: it has taken its place in the runtime
+        train_lora(
+            rt,
+            _examples()[:2],
+            n_epochs=1,
+            batch_size=1,
+            seed=1,
+            out_dir=tmp_path / str(decoding),
+            on_step=lambda s: seen.append(torch.get_num_threads()),
+        )
+        stream.close()
+        return seen
+
+    assert threads_per_step(decoding=False) == [min(4, available_cpus())] * 2
+    assert threads_per_step(decoding=True) == [1, 1]
+    assert not rt.decoding
 
 
 def test_no_learnable_example_is_refused(rt, tmp_path):

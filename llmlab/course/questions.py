@@ -23,6 +23,8 @@ from llmlab.course.data import DATA_DIR, read_jsonl
 from llmlab.datasets import ChatDataset
 
 __all__ = [
+    "HYBRID_OPTIONS",
+    "HYBRID_TOOL_EXAMPLES",
     "KINDS",
     "contains_facts",
     "hybrid_training_set",
@@ -33,6 +35,10 @@ __all__ = [
 ]
 
 KINDS = ("trained", "paraphrase", "handbook_only", "live")
+# The fine-tune that teaches the facts and when to call a tool: notebook 06 trains it, 07 reuses the job
+# (`finetune.fine_tune(..., reuse=True)` finds it by its file and these settings).
+HYBRID_TOOL_EXAMPLES = 6  # of data/tools_train.jsonl's examples, with the Q&A pairs (`hybrid_training_set`)
+HYBRID_OPTIONS = {"n_epochs": 4, "batch_size": 2, "seed": 42}
 
 
 # ------------------------------------------------------------------------------------------ scoring

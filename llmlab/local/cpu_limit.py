@@ -1,10 +1,13 @@
-"""How many CPU cores this process may use, and how many threads the ONNX engine reads a prompt with.
+"""How many CPU cores this process may use, how many threads the ONNX engine reads a prompt with, and how
+many torch threads a training step runs on.
 
 A laptop lends the kit all its cores; Binder and JupyterHub containers see the host's cores but get a CPU
 quota in their cgroup (often 1 core), where more threads than the quota only wait for each other.
 
 >>> engine_threads({"LLMLAB_THREADS": "3"})
 3
+>>> training_threads(decoding=True, environ={})
+1
 >>> 1 <= available_cpus() <= (os.cpu_count() or 1)
 True
 """
@@ -48,3 +51,15 @@ def engine_threads(environ: Mapping[str, str] = os.environ, cgroup: Path = Path(
     here (`session.intra_op.allow_spinning` is off), so its threads leave a busy machine's cores to others.
     """
     return max(1, int(environ.get("LLMLAB_THREADS") or min(MAX_ENGINE_THREADS, available_cpus(cgroup))))
+
+
+def training_threads(
+    decoding: bool, environ: Mapping[str, str] = os.environ, cgroup: Path = Path("/sys/fs/cgroup")
+) -> int:
+    """Torch threads for the next LoRA training step: `$LLMLAB_THREADS`, else one while the server decodes
+    (torch's OpenMP team spins at its barriers and would take the cores the decoding needs), else the
+    available cores (`engine_threads`): a job alone trains ~1.5x faster on two cores than on one.
+    """
+    if environ.get("LLMLAB_THREADS"):
+        return max(1, int(environ["LLMLAB_THREADS"]))
+    return 1 if decoding else engine_threads(environ, cgroup)

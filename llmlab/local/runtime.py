@@ -204,6 +204,8 @@ class ChatRuntime:
         self.home = Path(home) if home is not None else llmlab_home()
         self._lock = threading.Lock()  # one forward pass sequence at a time; guards adapter switches
         self._load_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+        self._decoding = 0  # generations in flight (a training step takes fewer threads meanwhile)
         self._model: Any = None
         self._tokenizer: Any = None  # a ChatTokenizer: what decoding uses, on either engine
         self._hf_tokenizer: Any = None  # transformers' (training's), loaded when asked for
@@ -378,7 +380,19 @@ class ChatRuntime:
             if self._onnx is None:
                 held.enter_context(self._lock)
             held.enter_context(self._using(adapter))
+            with self._count_lock:
+                self._decoding += 1
+            held.callback(self._done_decoding)
             yield held
+
+    def _done_decoding(self) -> None:
+        with self._count_lock:
+            self._decoding -= 1
+
+    @property
+    def decoding(self) -> bool:
+        """Whether a generation is running now (on either engine)."""
+        return self._decoding > 0
 
     @contextmanager
     def _using(self, adapter: str | None) -> Iterator[None]:

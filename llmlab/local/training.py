@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from llmlab.local.chat_format import render_pieces
+from llmlab.local.cpu_limit import training_threads
 from llmlab.local.memory_limit import checkpointing_wanted
-from llmlab.local.runtime import torch_threads
 from llmlab.local.training_model import bf16_training_model
 
 LORA_RANK, LORA_ALPHA = 16, 32
@@ -243,11 +243,11 @@ def train_lora(
     Saves `out_dir/checkpoint-epoch-N` after each epoch and the final adapter in `out_dir`.
     `should_stop()` is polled before every example while the examples are read and before every step;
     when it returns True training stops at once (`cancelled=True`, no final adapter). Same seed, same data -> same adapter. `threads`: torch
-    threads of the calling thread while it trains (default `runtime.torch_threads()`; restored after).
+    threads of the calling thread while it trains (restored after); by default chosen before each step by
+    `cpu_limit.training_threads`: the available cores while the runtime decodes nothing, else one.
     `start_from`: a saved adapter to continue training from (a fine-tuned model fine-tuned again).
     """
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads or torch_threads())
     try:
         return _train(
             runtime,
@@ -262,6 +262,7 @@ def train_lora(
             on_epoch,
             should_stop,
             start_from,
+            (lambda: threads) if threads else (lambda: training_threads(decoding=runtime.decoding)),
         )
     finally:
         torch.set_num_threads(previous)
@@ -286,7 +287,8 @@ def _train(
     on_step: Callable[[StepInfo], None] | None,
     on_epoch: Callable[[EpochInfo], None] | None,
     should_stop: Callable[[], bool] | None,
-    start_from: str | os.PathLike | None = None,
+    start_from: str | os.PathLike | None,
+    step_threads: Callable[[], int],
 ) -> TrainResult:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 
@@ -336,6 +338,7 @@ def _train(
         for start in range(0, len(order), batch_size):
             if should_stop is not None and should_stop():
                 return TrainResult(None, trained_tokens, train_loss, valid_loss, step, True)
+            torch.set_num_threads(step_threads())
             items = [encode_example(tokenizer, examples[i]) for i in order[start : start + batch_size]]
             micro = _micro_batches(items, pad_id)
             count = sum(len(m["targets"]) for m in micro)
