@@ -272,6 +272,18 @@ def test_evaluate_tool_calls_on_the_local_server(local_lab):
     assert (scores["seconds"] > 0).all()
 
 
+def test_evaluate_tool_calls_with_workers_gives_the_rows_of_one_at_a_time_in_order(local_lab):
+    """Greedy answers do not depend on their batch-mates: concurrent questions score as sequential ones."""
+    cases = questions.load_tool_eval()[:6]
+    alone = evaluation.evaluate_tool_calls(local_lab, cases, tool_choice="required", progress=False)
+    together = evaluation.evaluate_tool_calls(
+        local_lab, cases, tool_choice="required", progress=False, workers=6
+    )
+    columns = ["id", "tool", "arguments", "right_tool", "right_arguments"]
+    assert together[columns].equals(alone[columns])
+    assert together["id"].tolist() == [c["id"] for c in cases]
+
+
 def test_unknown_employee_error_goes_back_to_the_model(local_lab):
     result = run(
         local_lab,

@@ -1,4 +1,4 @@
-"""Notebooks 02, 02b and 07 on a server without fine-tuning (Ollama, llama.cpp, LM Studio, vLLM): they say so and
+"""Notebooks 02, 02b, 06 and 07 on a server without fine-tuning (Ollama, llama.cpp, LM Studio, vLLM): they say so and
 skip the fine-tuning cells instead of failing.
 
 The stand-in for such a server is a real HTTP proxy in front of the session's local server: it passes every
@@ -117,6 +117,14 @@ def test_notebook_02b_compares_the_prompt_only_ways_without_the_fine_tuned_model
     text = shown(nb)
     assert f"{url}/ {SKIPPED}: the fine-tuned model is left out of the comparison." in text
     assert "schema       valid  4/4" in text and "fine-tuned   valid" not in text
+    assert any(r.startswith("POST /v1/chat/completions") for r in seen)
+    assert not [r for r in seen if r.startswith(("POST /v1/fine_tuning", "POST /v1/files"))]
+
+
+def test_notebook_06_measures_the_base_model_and_skips_the_tool_use_fine_tune(no_fine_tuning_url, tmp_path):
+    url, seen = no_fine_tuning_url
+    nb = run_notebook("06_function_calling.ipynb", tmp_path)
+    assert f"{url}/ {SKIPPED}: the fine-tuned model is left out." in shown(nb)
     assert any(r.startswith("POST /v1/chat/completions") for r in seen)
     assert not [r for r in seen if r.startswith(("POST /v1/fine_tuning", "POST /v1/files"))]
 

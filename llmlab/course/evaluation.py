@@ -413,9 +413,10 @@ def evaluate_tool_calls(
     tools: list | None = None,
     max_tokens: int = 64,
     progress: bool = True,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Ask each question once (the company's system prompt + question, greedy: `first_call`) and score the
-    model's first tool call.
+    model's first tool call. `workers`: questions in flight at once, as in `evaluate`.
 
     `right_tool`: it called the expected tool, or no tool when none is expected. `right_arguments`: that,
     and every expected argument has the expected value (strings compared ignoring case). One row per case,
@@ -430,8 +431,8 @@ def evaluate_tool_calls(
     model = model or lab.chat_model
     tools = company.company_tools() if tools is None else tools
     ask = first_call(lab, tools, model, company.system_prompt(), tool_choice, max_tokens)
-    rows = []
-    for case in tqdm(cases, desc=f"{model} · tool_choice={tool_choice}", disable=not progress):
+
+    def score(case: dict) -> dict:
         reply = ask(case["question"])
         calls = reply.message.tool_calls or []
         name = calls[0].function.name if calls else None
@@ -440,20 +441,23 @@ def evaluate_tool_calls(
         except json.JSONDecodeError:  # possible on OpenAI; the local backend's arguments always parse
             arguments = calls[0].function.arguments
         right_tool = name == case["tool"]
-        rows.append(
-            {
-                "id": case.get("id"),
-                "question": case["question"],
-                "expected_tool": case["tool"],
-                "expected_arguments": case["arguments"],
-                "tool": name,
-                "arguments": arguments,
-                "right_tool": right_tool,
-                "right_arguments": right_tool and (name is None or _same(case["arguments"], arguments)),
-                "answer": reply.message.content,
-                "seconds": reply.seconds,
-            }
-        )
+        return {
+            "id": case.get("id"),
+            "question": case["question"],
+            "expected_tool": case["tool"],
+            "expected_arguments": case["arguments"],
+            "tool": name,
+            "arguments": arguments,
+            "right_tool": right_tool,
+            "right_arguments": right_tool and (name is None or _same(case["arguments"], arguments)),
+            "answer": reply.message.content,
+            "seconds": reply.seconds,
+        }
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        scored = pool.map(score, cases)
+        desc = f"{model} · tool_choice={tool_choice}"
+        rows = list(tqdm(scored, total=len(cases), desc=desc, disable=not progress))
     frame = pd.DataFrame(rows, columns=_TOOL_EVAL_COLUMNS)
     for column in ("expected_tool", "tool", "answer"):  # keep None ("no tool") rather than pandas' NaN
         frame[column] = pd.Series([r[column] for r in rows], dtype=object)
