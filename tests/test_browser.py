@@ -121,26 +121,30 @@ def _run_all_cells(page) -> None:
     """Run all cells and wait until every code cell has run.
 
     JupyterLab may show a "Select Kernel" dialog (accepted here: the default, Python 3), and on a busy
-    machine it may replace the kernel while the first run is queued, so some cells never run: while the
-    kernel is idle and a code cell still shows an empty prompt `[ ]:`, run all cells again.
+    machine it may replace the kernel while the first run is queued, so some cells never run, or run in the
+    new kernel without the cells before them (a `NameError`). While the kernel is idle and a code cell still
+    shows an empty prompt `[ ]:`, run all cells again; after a `NameError`, restart the kernel and run all
+    (its "Restart Kernel?" dialog is accepted like the first).
     """
     deadline = time.monotonic() + (KERNEL_TIMEOUT_MS + WIDGETS_TIMEOUT_MS) / 1000
     accept = page.locator(".jp-Dialog .jp-mod-accept")
     idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
     prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
     not_run = prompts.filter(has_text=re.compile(r"^\s*\[ \]:\s*$"))
+    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
+    out_of_order = errors.filter(has_text="NameError")
     last_try = None
     while time.monotonic() < deadline:
         if accept.count():
             accept.first.click()
         elif idle.count() and (last_try is None or time.monotonic() - last_try > 10):
-            if last_try is not None and prompts.count() and not not_run.count():
+            if last_try is not None and prompts.count() and not not_run.count() and not out_of_order.count():
                 return
+            command = "notebook:restart-run-all" if out_of_order.count() else "notebook:run-all-cells"
             # not awaited: the command's promise resolves only when every cell has run
-            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
+            page.evaluate(f"() => {{ window.jupyterapp.commands.execute('{command}'); }}")
             last_try = time.monotonic()
         page.wait_for_timeout(500)
-    errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     shown = "\n---\n".join(errors.all_inner_texts())[-3000:]
     raise AssertionError(f"the notebook's cells did not all run; its error outputs:\n{shown or '(none)'}")
 
