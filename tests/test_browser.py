@@ -120,14 +120,16 @@ def jupyterlab(tmp_path, lab):
 def _run_all_cells(page) -> None:
     """Run all cells and wait until every code cell has run.
 
-    JupyterLab may show a "Select Kernel" dialog (accepted here: the default, Python 3), and on a busy
-    machine it may replace the kernel while the first run is queued, so some cells never run, or run in the
-    new kernel without the cells before them (a `NameError`). While the kernel is idle and a code cell still
-    shows an empty prompt `[ ]:`, run all cells again; after a `NameError`, restart the kernel and run all
-    (its "Restart Kernel?" dialog is accepted like the first).
+    JupyterLab may show a "Select Kernel" dialog, accepted here once (the default, Python 3): the dialog stays
+    in the page while it closes, and clicking it again each half second started a new kernel each time, five
+    in two seconds in a failed run. On a busy machine the kernel may also be replaced while the first run is
+    queued, so some cells never run (`[ ]:`) or run in the new kernel without the cells before them (a
+    `NameError`). While the kernel is idle and such a cell is left, run all cells again; after a `NameError`,
+    restart the kernel and run all (its "Restart Kernel?" dialog is accepted like the first).
     """
     deadline = time.monotonic() + (KERNEL_TIMEOUT_MS + WIDGETS_TIMEOUT_MS) / 1000
-    accept = page.locator(".jp-Dialog .jp-mod-accept")
+    dialog = page.locator(".jp-Dialog")
+    accept = dialog.locator(".jp-mod-accept")
     idle = page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle']")
     prompts = page.locator(".jp-CodeCell .jp-InputPrompt")
     not_run = prompts.filter(has_text=re.compile(r"^\s*\[ \]:\s*$"))
@@ -137,6 +139,7 @@ def _run_all_cells(page) -> None:
     while time.monotonic() < deadline:
         if accept.count():
             accept.first.click()
+            dialog.first.wait_for(state="detached", timeout=KERNEL_TIMEOUT_MS)
         elif idle.count() and (last_try is None or time.monotonic() - last_try > 10):
             if last_try is not None and prompts.count() and not not_run.count() and not out_of_order.count():
                 return
