@@ -11,6 +11,7 @@ Chromium comes from apt (`make browser`, run by `make test`); no browser is ever
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -120,13 +121,18 @@ def jupyterlab(tmp_path, lab):
 def _run_all_cells(page) -> None:
     """Run all cells and wait until every code cell has run.
 
-    JupyterLab may show a "Select Kernel" dialog, accepted here once (the default, Python 3): the dialog stays
-    in the page while it closes, and clicking it again each half second started a new kernel each time, five
-    in two seconds in a failed run. On a busy machine the kernel may also be replaced while the first run is
-    queued, so some cells never run (`[ ]:`) or run in the new kernel without the cells before them (a
-    `NameError`). While the kernel is idle and such a cell is left, run all cells again; after a `NameError`,
-    restart the kernel and run all (its "Restart Kernel?" dialog is accepted like the first).
+    A dialog ("Select Kernel", "Restart Kernel?") is accepted, then given 5 s to close before another click:
+    in a failed run it was clicked each half second while it closed, beside five kernel starts in two seconds,
+    and in another a click made while it opened was lost (the dialog stayed). On a busy machine JupyterLab may also
+    replace the kernel while the first run is queued, so some cells never run (`[ ]:`) or run in the new kernel
+    without the cells before them (a `NameError`), or lose the widgets' models ("Error displaying widget: model
+    not found", after jupyter_server refused the kernel's first websocket while it started). While the kernel
+    is idle and a cell has not run, run all cells again; after a `NameError` or a lost widget, reload the page
+    (a new kernel connection and widget manager) and run all again. (Starting the kernel without the dialog,
+    JupyterLab's `autoStartDefaultKernel`, failed 2 runs of 3 here: the kernel was shut down as it started.)
     """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     deadline = time.monotonic() + (KERNEL_TIMEOUT_MS + WIDGETS_TIMEOUT_MS) / 1000
     dialog = page.locator(".jp-Dialog")
     accept = dialog.locator(".jp-mod-accept")
@@ -135,17 +141,24 @@ def _run_all_cells(page) -> None:
     not_run = prompts.filter(has_text=re.compile(r"^\s*\[ \]:\s*$"))
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']")
     out_of_order = errors.filter(has_text="NameError")
+    lost_widgets = page.get_by_text("Error displaying widget")
     last_try = None
     while time.monotonic() < deadline:
         if accept.count():
             accept.first.click()
-            dialog.first.wait_for(state="detached", timeout=KERNEL_TIMEOUT_MS)
+            with contextlib.suppress(PlaywrightTimeout):
+                dialog.first.wait_for(state="detached", timeout=5_000)
         elif idle.count() and (last_try is None or time.monotonic() - last_try > 10):
-            if last_try is not None and prompts.count() and not not_run.count() and not out_of_order.count():
-                return
-            command = "notebook:restart-run-all" if out_of_order.count() else "notebook:run-all-cells"
-            # not awaited: the command's promise resolves only when every cell has run
-            page.evaluate(f"() => {{ window.jupyterapp.commands.execute('{command}'); }}")
+            if last_try is not None:  # a run was asked for, and every queued cell has ended since
+                if out_of_order.count() or lost_widgets.count():
+                    page.once("dialog", lambda unsaved: unsaved.accept())  # "leave the page?": yes
+                    page.reload()
+                    last_try = None
+                    continue
+                if prompts.count() and not not_run.count():
+                    return
+            # not awaited: the command's promise resolves only when every cell has run (it clears their outputs)
+            page.evaluate("() => { window.jupyterapp.commands.execute('notebook:run-all-cells'); }")
             last_try = time.monotonic()
         page.wait_for_timeout(500)
     shown = "\n---\n".join(errors.all_inner_texts())[-3000:]
