@@ -60,6 +60,6 @@ def training_threads(
     (torch's OpenMP team spins at its barriers and would take the cores the decoding needs), else the
     available cores (`engine_threads`): a job alone trains ~1.5x faster on two cores than on one.
     """
-    if environ.get("LLMLAB_THREADS"):
-        return max(1, int(environ["LLMLAB_THREADS"]))
-    return 1 if decoding else engine_threads(environ, cgroup)
+    if decoding and not environ.get("LLMLAB_THREADS"):
+        return 1
+    return engine_threads(environ, cgroup)
