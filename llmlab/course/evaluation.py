@@ -295,9 +295,15 @@ def evaluate(
             "retrieved": contains_facts(reply.context, q.facts) if reply.sources else None,
         }
 
+    return pd.DataFrame(_in_flight(answer, pairs, workers, "answering", progress))
+
+
+def _in_flight(
+    ask: Callable[[Any], dict], items: list, workers: int, desc: str, progress: bool
+) -> list[dict]:
+    """`ask` of every item, `workers` at a time (threads), in the items' order, with a progress bar."""
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        rows = list(tqdm(pool.map(answer, pairs), total=len(pairs), desc="answering", disable=not progress))
-    return pd.DataFrame(rows)
+        return list(tqdm(pool.map(ask, items), total=len(items), desc=desc, disable=not progress))
 
 
 def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -454,10 +460,7 @@ def evaluate_tool_calls(
             "seconds": reply.seconds,
         }
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        scored = pool.map(score, cases)
-        desc = f"{model} · tool_choice={tool_choice}"
-        rows = list(tqdm(scored, total=len(cases), desc=desc, disable=not progress))
+    rows = _in_flight(score, cases, workers, f"{model} · tool_choice={tool_choice}", progress)
     frame = pd.DataFrame(rows, columns=_TOOL_EVAL_COLUMNS)
     for column in ("expected_tool", "tool", "answer"):  # keep None ("no tool") rather than pandas' NaN
         frame[column] = pd.Series([r[column] for r in rows], dtype=object)
